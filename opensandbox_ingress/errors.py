@@ -1,0 +1,151 @@
+"""
+The one error hierarchy of the ingress.
+
+Every response that the ingress generates itself (as opposed to relaying a
+backend's) comes from an L{IngressError}: it carries the HTTP status, a
+stable machine-readable code (sent as C{OpenSandbox-Ingress-Error}) and a
+human-readable reason (sent as the C{text/plain} body
+C{OpenSandbox Ingress: <reason>}).  Resources never write status literals;
+they raise or return one of these and L{opensandbox_ingress.web.errors}
+renders it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+ERROR_HEADER = b"OpenSandbox-Ingress-Error"
+BODY_PREFIX = "OpenSandbox Ingress: "
+
+
+class IngressError(Exception):
+    """
+    A failure with an HTTP status and a stable code.
+
+    Subclasses fix C{status} and C{code}; instances carry the reason.
+    """
+
+    status: ClassVar[int] = 502
+    code: ClassVar[str] = "ingress_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason!r})"
+
+    def body(self) -> bytes:
+        """The C{text/plain} body sent to the client."""
+        return (BODY_PREFIX + self.reason + "\n").encode("utf-8")
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers besides the error code (for example C{Retry-After})."""
+        return []
+
+
+class RouteInvalid(IngressError):
+    """The request carries no usable route (400)."""
+
+    status = 400
+    code = "route_invalid"
+
+
+class SandboxNotFound(IngressError):
+    """No sandbox of that id is known (404)."""
+
+    status = 404
+    code = "sandbox_not_found"
+
+
+class SandboxNotReady(IngressError):
+    """The sandbox exists but has no usable endpoint yet (503)."""
+
+    status = 503
+    code = "sandbox_not_ready"
+
+    def __init__(self, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"Retry-After", str(self.retry_after).encode("ascii"))]
+
+
+class SandboxAmbiguous(IngressError):
+    """The id names sandboxes in more than one namespace (502)."""
+
+    status = 502
+    code = "sandbox_ambiguous"
+
+
+class RegistryNotSynced(IngressError):
+    """The sandbox source has not delivered its first snapshot yet (503)."""
+
+    status = 503
+    code = "registry_not_synced"
+
+
+class ProviderError(IngressError):
+    """The sandbox source failed in a way that is not about one sandbox (502)."""
+
+    status = 502
+    code = "provider_error"
+
+
+class Unauthorized(IngressError):
+    """Secure access denied: missing or wrong credential (401)."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class AccessExpired(IngressError):
+    """A signed route whose expiry has passed (401)."""
+
+    status = 401
+    code = "access_expired"
+
+
+class SignatureInvalid(IngressError):
+    """A signed route whose expires or signature segment is malformed (400)."""
+
+    status = 400
+    code = "signature_invalid"
+
+
+class VerifierNotConfigured(IngressError):
+    """A signed route reached an ingress without verification keys (503)."""
+
+    status = 503
+    code = "verifier_not_configured"
+
+
+class UpstreamUnreachable(IngressError):
+    """The backend could not be connected to, or failed before answering (502)."""
+
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(IngressError):
+    """The backend did not connect or answer within the configured time (502)."""
+
+    status = 502
+    code = "upstream_timeout"
+
+
+class WebSocketUpstreamUnreachable(IngressError):
+    """The backend WebSocket could not be reached (503, as upstream does)."""
+
+    status = 503
+    code = "upstream_unreachable"
+
+
+class ShuttingDown(IngressError):
+    """The ingress is draining and takes no new work (503)."""
+
+    status = 503
+    code = "shutting_down"

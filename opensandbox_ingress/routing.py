@@ -1,0 +1,195 @@
+"""
+Route parsing: which sandbox and port a request is for, and what path the
+backend receives.
+
+Pure functions of request bytes (SPEC section 2); no reactor, no registry.
+The one decision that needs the registry -- whether a URI-mode path with
+signature-shaped segments is signed -- is left to the caller through
+L{Route.unsigned_fallback}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import RouteInvalid
+from .secure_access import SignedPart, is_expires_b36, is_signature
+
+#: Routing headers, in precedence order, then the Host header.
+INGRESS_TO_HEADER = b"OpenSandbox-Ingress-To"
+LEGACY_INGRESS_HEADER = b"OPEN-SANDBOX-INGRESS"
+
+_MAX_PORT_DIGITS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """
+    A parsed route.
+
+    @ivar sandbox_id: The sandbox id as written in the route.
+    @ivar port: The sandbox port, 1..65535.
+    @ivar path: The origin-form target (path and query) for the backend.
+    @ivar signed: The signed segments, for a signed route.
+    @ivar prefix: URI mode: the path prefix the route consumed (sent as
+        C{X-Forwarded-Prefix}); empty in header mode.
+    @ivar unsigned_fallback: URI mode only: for a path whose segments look
+        signed, the unsigned reading of the same path, to be used when the
+        sandbox does not require secure access.
+    """
+
+    sandbox_id: str
+    port: int
+    path: bytes
+    signed: SignedPart | None = None
+    prefix: bytes = b""
+    unsigned_fallback: Route | None = None
+
+    def for_sandbox(self, requires_secure_access: bool) -> Route:
+        """The reading of this route that applies to the resolved sandbox."""
+        if self.unsigned_fallback is not None and not requires_secure_access:
+            return self.unsigned_fallback
+        return self
+
+
+def _port(text: str, strict: bool) -> int | None:
+    if not text.isascii() or not text.isdigit() or len(text) > _MAX_PORT_DIGITS:
+        return None
+    if strict and text[0] == "0":
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
+
+
+def origin_form(uri: bytes) -> bytes:
+    """
+    The path-and-query of a request target; an absolute-form target
+    (C{http://host/path}) is reduced to its path.
+    """
+    if uri[:1] == b"/":
+        return uri
+    lowered = uri[:8].lower()
+    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+        rest = uri.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        if slash == -1 or (query != -1 and query < slash):
+            return b"/" + (rest[query:] if query != -1 else b"")
+        return rest[slash:]
+    return b"/" + uri if uri != b"*" else uri
+
+
+def routing_token(
+    ingress_to: bytes | None, legacy: bytes | None, host: bytes | None
+) -> str:
+    """
+    The header-mode routing token: the first non-empty of the two routing
+    headers and C{Host}, without a leading C{http://}/C{https://}, cut at the
+    first C{.} (and at a C{:port} or C{/path}, which a token never contains).
+
+    @raise RouteInvalid: no usable token.
+    """
+    for value in (ingress_to, legacy, host):
+        if value is None:
+            continue
+        value = value.strip()
+        if not value:
+            continue
+        lowered = value[:8].lower()
+        if lowered.startswith(b"https://"):
+            value = value[8:]
+        elif lowered.startswith(b"http://"):
+            value = value[7:]
+        for sep in (b".", b":", b"/"):
+            cut = value.find(sep)
+            if cut != -1:
+                value = value[:cut]
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            raise RouteInvalid("routing token is not ASCII") from None
+    raise RouteInvalid("no routing header or Host to route by")
+
+
+def parse_token(token: str, path: bytes) -> Route:
+    """
+    Parse a header-mode token (C{{id}-{port}} or
+    C{{id}-{port}-{expires_b36}-{signature}}) into a route forwarding
+    C{path} unchanged.
+
+    @raise RouteInvalid: empty id, missing or invalid port.
+    """
+    segments = token.split("-")
+    if len(segments) >= 4 and is_signature(segments[-1]) and is_expires_b36(
+        segments[-2]
+    ):
+        port = _port(segments[-3], strict=False)
+        sandbox_id = "-".join(segments[:-3])
+        if port is not None and sandbox_id:
+            return Route(
+                sandbox_id, port, path, signed=SignedPart(segments[-2], segments[-1])
+            )
+    sandbox_id, sep, port_text = token.rpartition("-")
+    if not sep or not sandbox_id:
+        raise RouteInvalid(f"routing token {token!r} is not <sandbox-id>-<port>")
+    port = _port(port_text, strict=False)
+    if port is None:
+        raise RouteInvalid(f"routing token {token!r} has an invalid port")
+    return Route(sandbox_id, port, path)
+
+
+def parse_header_route(
+    ingress_to: bytes | None,
+    legacy: bytes | None,
+    host: bytes | None,
+    uri: bytes,
+) -> Route:
+    """Header mode: route by the routing headers or Host; path unchanged."""
+    return parse_token(routing_token(ingress_to, legacy, host), origin_form(uri))
+
+
+def parse_uri_route(uri: bytes) -> Route:
+    """
+    URI mode: C{/{id}/{port}/{rest}} (or the signed
+    C{/{id}/{port}/{expires}/{signature}/{rest}}); the backend receives
+    C{/{rest}} and the original query.
+
+    A path whose third and fourth segments look signed yields the signed
+    route with the unsigned reading as L{Route.unsigned_fallback}.
+
+    @raise RouteInvalid: no id, or a port that is not 1..65535 without
+        leading zeros.
+    """
+    target = origin_form(uri)
+    path, qmark, query = target.partition(b"?")
+    suffix = qmark + query
+    parts = path.split(b"/", 5)
+    # parts[0] is the empty string before the leading slash.
+    if len(parts) < 3 or not parts[1]:
+        raise RouteInvalid("path is not /<sandbox-id>/<port>/...")
+    try:
+        sandbox_id = parts[1].decode("ascii")
+        port_text = parts[2].decode("ascii")
+    except UnicodeDecodeError:
+        raise RouteInvalid("route segments are not ASCII") from None
+    port = _port(port_text, strict=True)
+    if port is None:
+        raise RouteInvalid(f"path has an invalid port {port_text!r}")
+    prefix = b"/" + parts[1] + b"/" + parts[2]
+    rest = path[len(prefix) :] or b"/"
+    unsigned = Route(sandbox_id, port, rest + suffix, prefix=prefix)
+    if len(parts) >= 5:
+        expires, signature = parts[3], parts[4]
+        if is_expires_b36(expires.decode("latin-1")) and is_signature(
+            signature.decode("latin-1")
+        ):
+            signed_prefix = prefix + b"/" + expires + b"/" + signature
+            return Route(
+                sandbox_id,
+                port,
+                (path[len(signed_prefix) :] or b"/") + suffix,
+                signed=SignedPart(expires.decode("ascii"), signature.decode("ascii")),
+                prefix=signed_prefix,
+                unsigned_fallback=unsigned,
+            )
+    return unsigned

@@ -1,0 +1,265 @@
+"""
+Building and running one ingress: the embedding API.
+
+L{build_ingress} turns an L{IngressConfig} into an L{IngressService} (a
+C{MultiService}: source, renew publisher, listeners) with no global state,
+so several ingresses can live in one process.  C{service.resource} is the
+C{Resource} tree for mounting under another program's C{Site}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from .config import IngressConfig
+from .observability import AccessLog, log_build_info
+from .registry import SandboxRegistry
+
+try:
+    from .renew import RenewIntentPublisher
+except ImportError:  # TEMPORARY until renew.py lands
+    class RenewIntentPublisher(Service):  # type: ignore[no-redef]
+        def __init__(self, reactor: Any, config: Any) -> None:
+            pass
+
+        def offer(self, sandbox_id: str, port: int, request_uri: str) -> None:
+            pass
+from .sources import build_source, name_candidates_for
+from .web.health import IngressResource
+from .web.proxy import Proxy
+from .web.site import IngressSite
+from .web.upstream import UpstreamClient
+
+
+class IngressCore:
+    """
+    The shared state of one ingress: configuration, registry, upstream
+    client, renew publisher, access log, drain state.
+
+    Ownership: reactor thread.  Resources and the relay hold a reference to
+    it; nothing in it is global.
+    """
+
+    def __init__(self, config: IngressConfig, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.registry = SandboxRegistry(name_candidates_for(config))
+        self.upstream = UpstreamClient(reactor, config.upstream_connect_timeout_s)
+        self.registry.add_change_listener(self._record_changed)
+        self.renew = RenewIntentPublisher(reactor, config.renew_intent)
+        self.access_log = AccessLog()
+        self.proxy = Proxy(self)
+        self.draining = False
+        self.active_requests = 0
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def handle(self, request: Any) -> None:
+        """Serve one proxied request."""
+        self.proxy.handle(request)
+
+    def _record_changed(self, old: Any, new: Any) -> None:
+        # A changed or vanished sandbox's pooled sockets may point at an
+        # address that now belongs to someone else.
+        if new is None or new.generation != old.generation or new.endpoint != old.endpoint:
+            self.upstream.forget_generation(old.generation or old.name)
+
+    def request_started(self) -> None:
+        """Count an in-flight proxied exchange."""
+        self.active_requests += 1
+
+    def request_finished(self) -> None:
+        """Uncount one; wake drain waiters when none is left."""
+        self.active_requests -= 1
+        if self.active_requests == 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """A Deferred that fires when no proxied exchange is in flight."""
+        if self.active_requests == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+
+class _Listeners(Service):
+    """Listens on the configured endpoints; stops listening first at drain."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, descriptions: tuple[str, ...], factory: Any) -> None:
+        self._reactor = reactor
+        self._descriptions = descriptions
+        self._factory = factory
+        self.ports: list[IListeningPort] = []
+        self._listening: Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        ds = []
+        for description in self._descriptions:
+            endpoint = serverFromString(self._reactor, description)
+            d = endpoint.listen(self._factory)
+            d.addCallback(self._listened, description)
+            ds.append(d)
+        self._listening = DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
+        self._listening.addErrback(self._failed)
+
+    def _listened(self, port: IListeningPort, description: str) -> IListeningPort:
+        self.ports.append(port)
+        self._log.info("listening on {description}", description=description)
+        return port
+
+    def _failed(self, failure: Any) -> None:
+        error = failure.value.subFailure if hasattr(failure.value, "subFailure") else failure
+        self._log.critical(
+            "cannot listen: {error}", error=error.getErrorMessage()
+        )
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def when_listening(self) -> Deferred[Any]:
+        """Fires once every endpoint listens."""
+        assert self._listening is not None
+        d: Deferred[Any] = Deferred()
+        self._listening.addBoth(lambda r: (d.callback(r), r)[1])
+        return d
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        self._listening = None
+        return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+
+
+async def _stop(port: IListeningPort) -> None:
+    await port.stopListening()  # type: ignore[misc]
+
+
+class IngressService(MultiService):
+    """
+    One running ingress.  Start it (or add it to an application) and it
+    serves on C{config.listen}; stop it and it drains: health turns 503,
+    listeners close, in-flight requests get up to C{shutdown_timeout_s}.
+
+    @ivar core: the L{IngressCore} (registry, proxy, ...).
+    @ivar resource: the root C{Resource} (health + proxy).
+    @ivar site: the C{Site} the listeners serve.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: IngressConfig, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        config.validate()
+        self.config = config
+        self.reactor = reactor
+        self.core = IngressCore(config, reactor)
+        self.resource = IngressResource(self.core)
+        self.site = IngressSite(
+            self.resource,
+            idle_timeout=config.idle_timeout_s,
+            header_timeout=config.header_timeout_s,
+            reactor=reactor,
+        )
+        self.source = build_source(config, self.core.registry, reactor)
+        self.source.setServiceParent(self)
+        self.core.renew.setServiceParent(self)
+        self.listeners = _Listeners(reactor, config.listen, self.site)
+        self.listeners.setServiceParent(self)
+        #: An ILogObserver that the twistd plugin installs on the application.
+        self.log_observer: Any = None
+
+    @property
+    def registry(self) -> SandboxRegistry:
+        """The sandbox registry this ingress resolves against."""
+        return self.core.registry
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd builds the application after the plugin made this service,
+        # and uses an ILogObserver component on the application if there is
+        # one; this is how the plugin's --log-level/--log-format take effect.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        log_build_info(self._log)
+        if self.config.workers > 1:
+            self._log.warn(
+                "--workers {workers} is accepted but multi-process mode is not "
+                "built yet; running one process",
+                workers=self.config.workers,
+            )
+        super().startService()
+
+    def when_listening(self) -> Deferred[Any]:
+        """Fires once every listener is bound (for tests and embedders)."""
+        return self.listeners.when_listening()
+
+    def addresses(self) -> list[Any]:
+        """The bound addresses of the proxy listeners."""
+        return [p.getHost() for p in self.listeners.ports]
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        core = self.core
+        core.draining = True
+        self._log.info(
+            "draining: {active} requests in flight", active=core.active_requests
+        )
+        await self.listeners.stopService()
+        idle = core.when_idle()
+        timeout = self.reactor.callLater(self.config.shutdown_timeout_s, idle.cancel)
+        try:
+            await idle
+        except Exception:
+            self._log.warn(
+                "shutdown timeout: cutting {active} requests",
+                active=core.active_requests,
+            )
+        else:
+            if timeout.active():
+                timeout.cancel()
+        await core.upstream.close()
+        # The remaining children (source, publisher) stop in reverse order.
+        Service.stopService(self)
+        stops = [
+            s.stopService()
+            for s in reversed(list(self))
+            if s is not self.listeners and s.running
+        ]
+        await DeferredList([d for d in stops if isinstance(d, Deferred)])
+
+
+def build_ingress(config: IngressConfig, reactor: Any = None) -> IngressService:
+    """
+    Build an ingress from C{config} (validated here).  Start the returned
+    service, or add it to an application; C{.resource} can be mounted in
+    another C{Site}.
+    """
+    return IngressService(config, reactor)

@@ -1,0 +1,289 @@
+"""
+The ingress's C{Site}: a channel with a header timeout and a request class
+that streams request bodies instead of buffering them.
+
+Why: C{twisted.web} reads a whole request body (into memory, or a temporary
+file past 100 kB) before C{render} runs.  A proxy must instead start the
+upstream request as soon as the headers are in and pass body chunks through
+as they arrive, pausing the client when the backend is slow.
+L{IngressChannel} starts processing right after the headers
+(L{IngressRequest.start_early}); body chunks then flow into a
+L{StreamingBody}, which is the upstream request's C{IBodyProducer}.
+
+These classes override undocumented C{HTTPChannel} hooks (C{_command},
+C{_path}, C{_version}, C{allHeadersReceived}, C{allContentReceived}); see
+U{https://github.com/twisted/twisted/blob/trunk/src/twisted/web/http.py}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+# A body chunk buffered before the upstream connection exists is kept; the
+# client is paused right away so at most one socket read sits here.
+
+
+@implementer(IBodyProducer)
+class StreamingBody:
+    """
+    A request body flowing from the client connection to the upstream
+    request, chunk by chunk.
+
+    Ownership: reactor thread.  Pauses the client's transport while the
+    upstream consumer is paused (or not attached yet) and resumes it when
+    the consumer asks for more.  C{length} is the client's Content-Length,
+    or C{UNKNOWN_LENGTH} for a chunked upload (the upstream request is then
+    chunked too).
+    """
+
+    def __init__(self, length: int | None, client: IPushProducer) -> None:
+        self.length: Any = UNKNOWN_LENGTH if length is None else length
+        self._client = client
+        self._consumer: IConsumer | None = None
+        self._pending: list[bytes] = []
+        self._upstream_paused = False
+        self._client_paused = False
+        self._done: Deferred[None] | None = None
+        self._complete = False
+        self._failure: Failure | None = None
+        self._stopped = False
+        #: Called with the size of each chunk passed on (idle-timer hook).
+        self.on_progress: Any = None
+        self.received = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether the client has sent the whole body."""
+        return self._complete
+
+    # -- fed by the request --------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """A chunk of body arrived from the client."""
+        self.received += len(data)
+        if self._stopped:
+            return
+        if self._consumer is None:
+            self._pending.append(data)
+            self._update_client()
+            return
+        self._consumer.write(data)
+        if self.on_progress is not None:
+            self.on_progress()
+        if self._client_paused:
+            # Something else (the channel, after flushing a response write)
+            # may have resumed the socket; keep it paused while we are.
+            self._client.pauseProducing()
+
+    def finish(self) -> None:
+        """The client sent the last byte of the body."""
+        self._complete = True
+        if self._done is not None:
+            d, self._done = self._done, None
+            d.callback(None)
+
+    def fail(self, reason: Failure) -> None:
+        """The client went away before the body was complete."""
+        self._failure = reason
+        if self._done is not None:
+            d, self._done = self._done, None
+            d.errback(reason)
+
+    # -- IBodyProducer -----------------------------------------------------
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            consumer.write(chunk)
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._complete:
+            return succeed(None)
+        self._done = Deferred()
+        self._update_client()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._upstream_paused = True
+        self._update_client()
+
+    def resumeProducing(self) -> None:
+        self._upstream_paused = False
+        self._update_client()
+
+    def stopProducing(self) -> None:
+        # The upstream request is gone (error or early response): discard
+        # the rest of the body but keep reading it, so the connection can
+        # still answer.
+        self._stopped = True
+        self._pending = []
+        self._done = None
+        self._update_client()
+
+    def _update_client(self) -> None:
+        # The client is paused exactly while the body has nowhere to go.
+        want = not self._stopped and (self._consumer is None or self._upstream_paused)
+        if want != self._client_paused:
+            self._client_paused = want
+            if want:
+                self._client.pauseProducing()
+            else:
+                self._client.resumeProducing()
+
+
+class IngressRequest(Request):
+    """
+    A request that starts processing as soon as its headers are complete
+    when it carries a body, streaming the body through L{body}.
+
+    A request without a body (the common case) takes Twisted's normal path.
+    """
+
+    #: The streaming body, for requests that have one.
+    body: StreamingBody | None = None
+    _early = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length == 0:
+            super().gotLength(length)
+            return
+        # A body follows: keep an empty C{content} for code that reads it,
+        # and stream the real bytes instead.
+        super().gotLength(0)
+        self.body = StreamingBody(length, self.channel.transport)
+
+    def start_early(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Process the request now; the body keeps arriving through L{body}."""
+        self._early = True
+        Request.requestReceived(self, command, path, version)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body is not None:
+            if not self.finished:
+                self.body.feed(data)
+        else:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._early:
+            # The whole body has now arrived.
+            assert self.body is not None
+            self.body.finish()
+            return
+        super().requestReceived(command, path, version)
+
+    def finish(self) -> None:
+        if self.body is not None and not self.body.complete and self.channel:
+            # The response is complete before the upload is: the rest of the
+            # upload cannot be framed for another request, so this is the
+            # connection's last response.
+            self.channel.persistent = False
+            self.body.stopProducing()
+        super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.body is not None and not self.body.complete:
+            self.body.fail(reason)
+        super().connectionLost(reason)
+
+
+class IngressChannel(HTTPChannel):
+    """
+    An C{HTTPChannel} that (1) hands requests with a body to the site as
+    soon as their headers are in, and (2) drops a client that takes longer
+    than C{header_timeout} to send a request's headers (slowloris), while
+    idle keep-alive connections are governed by the site's idle timeout.
+    """
+
+    header_timeout: float | None = None
+    _header_call: IDelayedCall | None = None
+    _awaiting_headers = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            self._awaiting_headers
+            and self._header_call is None
+            and self.header_timeout
+        ):
+            self._header_call = self.callLater(  # type: ignore[attr-defined]
+                self.header_timeout, self._header_timed_out
+            )
+        super().dataReceived(data)
+
+    def _header_timed_out(self) -> None:
+        self._header_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_call is not None:
+            if self._header_call.active():
+                self._header_call.cancel()
+            self._header_call = None
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_headers = False
+        self._cancel_header_timer()
+        command, path, version = self._command, self._path, self._version
+        super().allHeadersReceived()
+        request = self.requests[-1]
+        if isinstance(request, IngressRequest) and request.body is not None:
+            request.start_early(command, path, version)
+
+    def allContentReceived(self) -> None:
+        if not self.requests:
+            # The response finished (and the connection is closing) before
+            # the upload did: nothing left to hand the end of body to.
+            self.length = 0
+            self._transferDecoder = None
+            return
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        self._awaiting_headers = True
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_header_timer()
+        super().connectionLost(reason)
+
+
+class IngressSite(Site):
+    """
+    The proxy port's C{Site}: L{IngressChannel}s and L{IngressRequest}s, no
+    C{Server} header of our own, no session machinery, no per-request
+    access log of Twisted's (the proxy writes its own).
+    """
+
+    protocol = IngressChannel  # type: ignore[assignment]
+    requestFactory = IngressRequest
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(
+        self,
+        resource: Any,
+        idle_timeout: float | None,
+        header_timeout: float | None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout or None, reactor=reactor)
+        self._header_timeout = header_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.header_timeout = self._header_timeout
+        return channel
+
+    def log(self, request: Request) -> None:
+        # The proxy writes its own access line with the sandbox and port.
+        pass

@@ -1,0 +1,194 @@
+"""
+Upstream HTTP connections, pooled per sandbox generation.
+
+Twisted's C{HTTPConnectionPool} keys connections by (scheme, host, port).
+Pod IPs are recycled, so that key would hand one sandbox's idle socket to
+the next sandbox that gets the same address.  Here the key is (sandbox
+generation, host, port): a connection is only ever reused for the same
+incarnation of the same sandbox, and when a record changes or goes its idle
+connections are closed (L{SandboxConnectionPool.drop_generation}).
+
+The endpoint and URI objects are built once per key and cached, because
+building an endpoint per request (IDNA-encoding the address each time) is a
+measurable share of the hot path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+
+#: How many recently dropped generations are remembered, so that a request
+#: still in flight when its sandbox changed does not return its connection
+#: to the pool.
+_DEAD_GENERATIONS = 4096
+
+#: Idle pooled connections kept per (generation, host, port).
+MAX_IDLE_PER_SANDBOX_PORT = 32
+
+#: Seconds an idle pooled connection is kept before it is closed.
+POOLED_IDLE_S = 60.0
+
+PoolKey = tuple[str, str, int]
+
+
+class _IngressClientProtocol(HTTP11ClientProtocol):
+    """
+    Records the response's C{Connection} header on the response
+    (C{connection_header}): Twisted's client files it among the connection
+    control headers, out of C{response.headers}, but a proxy must also drop
+    the headers that C{Connection} lists (RFC 9110 section 7.6.1).
+    """
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        d = super().request(request)
+        parser = self._parser
+
+        def note(response: Any) -> Any:
+            if parser is not None:
+                response.connection_header = parser.connHeaders.getRawHeaders(
+                    b"connection"
+                )
+            return response
+
+        return d.addCallback(note)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # One "Starting factory" log line per upstream connection is noise.
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _IngressClientProtocol(self._quiescentCallback)
+
+
+class SandboxConnectionPool(HTTPConnectionPool):
+    """
+    A persistent pool whose keys start with a sandbox generation.
+
+    Ownership: reactor thread.  Invariant: no connection is ever put back
+    under a generation that L{drop_generation} retired.
+    """
+
+    _factory = _QuietClientFactory
+    maxPersistentPerHost = MAX_IDLE_PER_SANDBOX_PORT
+    cachedConnectionTimeout = POOLED_IDLE_S
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor, persistent=True)
+        self._keys_by_generation: dict[str, set[PoolKey]] = {}
+        self._dead: OrderedDict[str, None] = OrderedDict()
+
+    def _putConnection(self, key: PoolKey, connection: Any) -> None:
+        generation = key[0]
+        if generation in self._dead:
+            connection.transport.loseConnection()
+            return
+        self._keys_by_generation.setdefault(generation, set()).add(key)
+        super()._putConnection(key, connection)
+
+    def drop_generation(self, generation: str) -> None:
+        """
+        Close the idle connections of C{generation} and never pool its
+        connections again.
+        """
+        self._dead[generation] = None
+        if len(self._dead) > _DEAD_GENERATIONS:
+            self._dead.popitem(last=False)
+        for key in self._keys_by_generation.pop(generation, ()):
+            for connection in self._connections.pop(key, []):
+                timeout = self._timeouts.pop(connection, None)
+                if timeout is not None and timeout.active():
+                    timeout.cancel()
+                connection.transport.loseConnection()
+
+    def idle_connection_count(self) -> int:
+        """How many idle connections the pool holds (for tests and metrics)."""
+        return sum(len(c) for c in self._connections.values())
+
+
+class UpstreamClient:
+    """
+    Issues upstream requests for a (generation, host, port) key with a
+    cached endpoint, through a L{SandboxConnectionPool}.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout_s: float) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout_s
+        self.pool = SandboxConnectionPool(reactor)
+        self._agent = Agent(reactor, pool=self.pool)
+        self._targets: dict[PoolKey, tuple[IStreamClientEndpoint, URI]] = {}
+        self._target_keys: dict[str, list[PoolKey]] = {}
+
+    def _target(self, key: PoolKey) -> tuple[IStreamClientEndpoint, URI]:
+        target = self._targets.get(key)
+        if target is None:
+            _generation, host, port = key
+            endpoint: IStreamClientEndpoint
+            try:
+                version = ipaddress.ip_address(host).version
+            except ValueError:
+                endpoint = HostnameEndpoint(
+                    self._reactor, host, port, timeout=self._connect_timeout
+                )
+                netloc = host.encode("idna")
+            else:
+                cls = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
+                endpoint = cls(self._reactor, host, port, timeout=self._connect_timeout)
+                netloc = host.encode("ascii")
+                if version == 6:
+                    netloc = b"[" + netloc + b"]"
+            uri = URI(
+                scheme=b"http",
+                netloc=b"%s:%d" % (netloc, port),
+                host=netloc,
+                port=port,
+                path=b"/",
+                params=b"",
+                query=b"",
+                fragment=b"",
+            )
+            target = self._targets[key] = (endpoint, uri)
+            self._target_keys.setdefault(key[0], []).append(key)
+        return target
+
+    def forget_generation(self, generation: str) -> None:
+        """Drop pooled connections and cached endpoints of C{generation}."""
+        self.pool.drop_generation(generation)
+        for key in self._target_keys.pop(generation, ()):
+            self._targets.pop(key, None)
+
+    def request(
+        self,
+        key: PoolKey,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+    ) -> Deferred[IResponse]:
+        """Send one request to the key's backend; C{headers} carry C{Host}."""
+        endpoint, uri = self._target(key)
+        # Agent._requestWithEndpoint is the one entry point of Agent that
+        # takes our own pool key and endpoint; see
+        # https://github.com/twisted/twisted/blob/trunk/src/twisted/web/client.py
+        return self._agent._requestWithEndpoint(  # type: ignore[arg-type]
+            key, endpoint, method, uri, headers, body, path
+        )
+
+    def close(self) -> Deferred[None]:
+        """Close every pooled connection."""
+        return self.pool.closeCachedConnections()
