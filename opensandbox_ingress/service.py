@@ -123,7 +123,14 @@ class _Listeners(Service):
 
     def _listened(self, port: IListeningPort, description: str) -> IListeningPort:
         self.ports.append(port)
-        self._log.info("listening on {description}", description=description)
+        host = port.getHost()
+        self._log.info(
+            "listening on {description} ({address})",
+            description=description,
+            address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"
+            if hasattr(host, "port")
+            else str(getattr(host, "name", host)),
+        )
         return port
 
     def _failed(self, failure: Any) -> None:
