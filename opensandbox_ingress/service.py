@@ -20,21 +20,13 @@ from twisted.logger import Logger
 from .config import IngressConfig
 from .observability import AccessLog, log_build_info
 from .registry import SandboxRegistry
-
-try:
-    from .renew import RenewIntentPublisher
-except ImportError:  # TEMPORARY until renew.py lands
-    class RenewIntentPublisher(Service):  # type: ignore[no-redef]
-        def __init__(self, reactor: Any, config: Any) -> None:
-            pass
-
-        def offer(self, sandbox_id: str, port: int, request_uri: str) -> None:
-            pass
+from .renew import RenewIntentPublisher
 from .sources import build_source, name_candidates_for
 from .web.health import IngressResource
 from .web.proxy import Proxy
 from .web.site import IngressSite
 from .web.upstream import UpstreamClient
+from .web.websocket import WebSocketRelay
 
 
 class IngressCore:
@@ -55,6 +47,8 @@ class IngressCore:
         self.renew = RenewIntentPublisher(reactor, config.renew_intent)
         self.access_log = AccessLog()
         self.proxy = Proxy(self)
+        self.websocket = WebSocketRelay(self)
+        self.proxy.websocket_handler = self.websocket.handle
         self.draining = False
         self.active_requests = 0
         self._idle_waiters: list[Deferred[None]] = []
@@ -240,6 +234,8 @@ class IngressService(MultiService):
             "draining: {active} requests in flight", active=core.active_requests
         )
         await self.listeners.stopService()
+        # WebSockets never end by themselves: close them with 1001.
+        core.websocket.close_all()
         idle = core.when_idle()
         timeout = self.reactor.callLater(self.config.shutdown_timeout_s, idle.cancel)
         try:

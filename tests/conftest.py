@@ -15,3 +15,5 @@ async def backend() -> AsyncIterator[Backend]:
     b = Backend().listen()
     yield b
     await b.stop()
+
+from tests.conftest_redis import redis_server, redis_server_factory  # noqa: E402,F401
