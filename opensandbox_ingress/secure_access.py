@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import (
@@ -147,7 +147,7 @@ def verify_signed_route(
 
 def check_access(
     required_token: str | None,
-    header_values: list[bytes] | None,
+    header_values: Sequence[bytes] | None,
     keys: Mapping[str, bytes],
     sandbox_id: str,
     port: int,

@@ -139,7 +139,12 @@ class _Listeners(Service):
         """Fires once every endpoint listens."""
         assert self._listening is not None
         d: Deferred[Any] = Deferred()
-        self._listening.addBoth(lambda r: (d.callback(r), r)[1])
+
+        def relay(result: Any) -> Any:
+            d.callback(result)
+            return result
+
+        self._listening.addBoth(relay)
         return d
 
     def stopService(self) -> Deferred[Any]:

@@ -625,3 +625,29 @@ async def test_access_log_line_has_fields_and_no_secrets(
     assert event["bytes"] > 0 and event["duration_ms"] >= 0 and event["client"] == "127.0.0.1"
     text = repr(events)
     assert "tok-1" not in text and "cookie-secret" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_resource_mounts_under_another_site(tmp_path: Path, backend: Backend) -> None:
+    """service.resource serves under a child path of a plain Site, bodies included."""
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    service = await start_ingress(tmp_path, SANDBOXES, mode="uri")
+    root = Resource()
+    root.putChild(b"ingress", service.resource)
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    try:
+        base = f"http://127.0.0.1:{port.getHost().port}/ingress"
+        response, body = await request(
+            "POST", f"{base}/sbx/{backend.port_number}/echo?k=v", data=b"mounted"
+        )
+        assert response.code == 200
+        seen = json.loads(body)
+        assert seen["uri"] == "/echo?k=v" and seen["body_len"] == 7
+        response, body = await request("GET", f"{base}/status.ok")
+        assert (response.code, body) == (200, b"OK")
+    finally:
+        await port.stopListening()
+        await service.stopService()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from twisted.application.service import IService
-from twisted.internet.interfaces import IReactorCore
+from typing import Any
 
 from ..config import IngressConfig
 from ..registry import SandboxRegistry
@@ -28,7 +28,7 @@ def name_candidates_for(config: IngressConfig) -> Callable[[str], Sequence[str]]
 
 
 def build_source(
-    config: IngressConfig, registry: SandboxRegistry, reactor: IReactorCore
+    config: IngressConfig, registry: SandboxRegistry, reactor: Any
 ) -> IService:
     """Build the source service that C{config.provider_type} names."""
     if config.provider_type == "file":

@@ -23,7 +23,7 @@ def render_error(request: Request, error: IngressError) -> None:
         # The status line is gone; the best we can say is to cut the stream.
         transport = request.channel.transport if request.channel else None
         if transport is not None:
-            transport.abortConnection()
+            transport.abortConnection()  # type: ignore[attr-defined]
         return
     body = error.body()
     request.setResponseCode(error.status)

@@ -19,7 +19,7 @@ upstream transport, so a slow backend pauses the client's upload.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
@@ -87,7 +87,7 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return _tokens(headers.getRawHeaders(b"connection"))
 
 
-def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
+def _tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
     if not values:
         return frozenset()
     return frozenset(
@@ -439,12 +439,13 @@ class _Exchange:
             body = request.body
             request.body.on_progress = self._progress
         else:
-            content = request.content
+            # Mounted in a plain Site, Twisted has buffered the body already.
+            content: Any = getattr(request, "content", None)
             if content is not None:
                 content.seek(0, 2)
                 if content.tell():
                     content.seek(0)
-                    body = FileBodyProducer(content, cooperator=self._core.cooperator)
+                    body = FileBodyProducer(content)
         headers = forward_request_headers(request, res.endpoint, route)
         if self._idle:
             self._timer = self._core.reactor.callLater(self._idle, self._idle_timeout)
@@ -459,7 +460,7 @@ class _Exchange:
 
     def _progress(self) -> None:
         if self._timer is not None:
-            self._timer.reset(self._idle)
+            self._timer.reset(self._idle)  # type: ignore[arg-type]
 
     def _idle_timeout(self) -> None:
         self._timer = None
@@ -539,7 +540,7 @@ class _Exchange:
         if self._done:
             return
         if self._timer is not None:
-            self._timer.reset(self._idle)
+            self._timer.reset(self._idle)  # type: ignore[arg-type]
         self._request.write(data)
 
     def body_done(self, reason: Failure) -> None:
@@ -563,7 +564,7 @@ class _Exchange:
     def _abort_client(self) -> None:
         channel = self._request.channel
         if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
+            channel.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _client_finished(self, result: object) -> None:
         if isinstance(result, Failure) and not self._done:
@@ -602,7 +603,7 @@ class _Exchange:
 class _Discard(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.stopProducing()
+        self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 def _describe(failure: Failure) -> str:

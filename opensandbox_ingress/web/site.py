@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
@@ -159,7 +160,7 @@ class IngressRequest(Request):
         # A body follows: keep an empty C{content} for code that reads it,
         # and stream the real bytes instead.
         super().gotLength(0)
-        self.body = StreamingBody(length, self.channel.transport)
+        self.body = StreamingBody(length, self.channel.transport)  # type: ignore[arg-type]
 
     def start_early(self, command: bytes, path: bytes, version: bytes) -> None:
         """Process the request now; the body keeps arriving through L{body}."""
@@ -196,6 +197,9 @@ class IngressRequest(Request):
         super().connectionLost(reason)
 
 
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+
 class IngressChannel(HTTPChannel):
     """
     An C{HTTPChannel} that (1) hands requests with a body to the site as
@@ -222,7 +226,7 @@ class IngressChannel(HTTPChannel):
     def _header_timed_out(self) -> None:
         self._header_call = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _cancel_header_timer(self) -> None:
         if self._header_call is not None:
@@ -252,7 +256,7 @@ class IngressChannel(HTTPChannel):
         self._awaiting_headers = True
         super().requestDone(request)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._cancel_header_timer()
         super().connectionLost(reason)
 
@@ -284,6 +288,6 @@ class IngressSite(Site):
         channel.header_timeout = self._header_timeout
         return channel
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Request) -> None:  # type: ignore[override]
         # The proxy writes its own access line with the sandbox and port.
         pass

@@ -85,7 +85,7 @@ class SandboxConnectionPool(HTTPConnectionPool):
 
     _factory = _QuietClientFactory
     maxPersistentPerHost = MAX_IDLE_PER_SANDBOX_PORT
-    cachedConnectionTimeout = POOLED_IDLE_S
+    cachedConnectionTimeout = POOLED_IDLE_S  # type: ignore[assignment]
 
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor, persistent=True)
@@ -185,8 +185,16 @@ class UpstreamClient:
         # Agent._requestWithEndpoint is the one entry point of Agent that
         # takes our own pool key and endpoint; see
         # https://github.com/twisted/twisted/blob/trunk/src/twisted/web/client.py
-        return self._agent._requestWithEndpoint(  # type: ignore[arg-type]
-            key, endpoint, method, uri, headers, body, path
+        return self._agent._requestWithEndpoint(
+            # The key's type is documented as (scheme, host, port) but the
+            # pool only hashes it.
+            key,  # type: ignore[arg-type]
+            endpoint,
+            method,
+            uri,
+            headers,
+            body,
+            path,
         )
 
     def close(self) -> Deferred[None]:
