@@ -120,6 +120,11 @@ class SandboxRegistry:
         """Whether the source has delivered its first complete snapshot."""
         return self._synced
 
+    @property
+    def ready_waiters(self) -> int:
+        """How many L{wait_until_ready} calls are pending."""
+        return self._waiter_count
+
     def __len__(self) -> int:
         return sum(len(by_ns) for by_ns in self._by_name.values())
 

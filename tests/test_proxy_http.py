@@ -651,3 +651,69 @@ async def test_resource_mounts_under_another_site(tmp_path: Path, backend: Backe
     finally:
         await port.stopListening()
         await service.stopService()
+
+
+# -- hold until ready -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_wait_completes_when_sandbox_turns_ready(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """A request for a starting sandbox waits, then goes through once it is ready."""
+    import time
+
+    from twisted.internet.defer import ensureDeferred
+
+    service = await start_ingress(tmp_path, SANDBOXES, ready_wait_s=10)
+    try:
+        d = ensureDeferred(
+            request(
+                "GET",
+                ingress_url(service, "/echo"),
+                headers={"OpenSandbox-Ingress-To": f"starting-{backend.port_number}"},
+            )
+        )
+        await wait_until(lambda: service.registry.ready_waiters == 1, what="request waiting")
+        assert not d.called
+        ready = [dict(s, ready=True) if s["name"] == "starting" else s for s in SANDBOXES]
+        write_sandboxes(tmp_path / "sandboxes.json", ready)
+        await wait_until(lambda: service.registry.lookup("starting").ready, what="reload")
+        turned_ready = time.monotonic()
+        response, _ = await d
+        assert response.code == 200
+        assert time.monotonic() - turned_ready < 1.0
+        assert service.registry.ready_waiters == 0
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_wait_times_out_with_retry_after(tmp_path: Path) -> None:
+    """A sandbox that stays not ready answers 503 with Retry-After after the wait."""
+    service = await start_ingress(tmp_path, SANDBOXES, ready_wait_s=0.3)
+    try:
+        response, body = await request(
+            "GET", ingress_url(service, "/"), headers={"OpenSandbox-Ingress-To": "starting-80"}
+        )
+        assert response.code == 503
+        assert header(response, "OpenSandbox-Ingress-Error") == "sandbox_not_ready"
+        assert header(response, "Retry-After") == "1"
+        assert b"marked not ready" in body
+        assert service.registry.ready_waiters == 0
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_wait_cancelled_when_client_leaves(tmp_path: Path) -> None:
+    """A waiting client that disconnects releases its wait at once."""
+    service = await start_ingress(tmp_path, SANDBOXES, ready_wait_s=30)
+    try:
+        client = await raw_connect(service.addresses()[0].port)
+        client.transport.write(b"GET / HTTP/1.1\r\nOpenSandbox-Ingress-To: starting-80\r\n\r\n")
+        await wait_until(lambda: service.registry.ready_waiters == 1, what="waiting")
+        client.transport.loseConnection()
+        await wait_until(lambda: service.registry.ready_waiters == 0, what="wait released")
+    finally:
+        await service.stopService()

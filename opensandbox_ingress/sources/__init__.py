@@ -10,9 +10,9 @@ thread.  L{build_source} picks one from the configuration.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.application.service import IService
-from typing import Any
 
 from ..config import IngressConfig
 from ..registry import SandboxRegistry

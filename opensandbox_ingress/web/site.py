@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.error import ConnectionDone
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel

@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
@@ -52,6 +52,13 @@ class _IngressClientProtocol(HTTP11ClientProtocol):
     control headers, out of C{response.headers}, but a proxy must also drop
     the headers that C{Connection} lists (RFC 9110 section 7.6.1).
     """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # A request head and a small body are separate writes; Nagle plus a
+        # delayed ACK would hold the second for tens of milliseconds.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
 
     def request(self, request: Any) -> Deferred[IResponse]:
         d = super().request(request)
