@@ -161,9 +161,16 @@ class AccessLog:
     observer wants it.  Never carries header values (tokens, cookies).
     """
 
-    def __init__(self, log: Logger | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        log: Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: Any = None,
+    ) -> None:
         self._log = log or Logger(namespace="opensandbox_ingress.access")
         self._clock = clock
+        #: An L{IngressMetrics}, told about every finished request too.
+        self._metrics = metrics
 
     def request(
         self,
@@ -176,7 +183,13 @@ class AccessLog:
         client: str,
         kind: str = "http",
     ) -> None:
-        """Log one finished HTTP request (C{started} from the same clock)."""
+        """
+        Log (and count) one finished request or WebSocket session
+        (C{started} from the same clock).
+        """
+        duration = self._clock() - started
+        if self._metrics is not None:
+            self._metrics.observe_request(kind, status, duration)
         self._log.info(
             "{kind} {method} sandbox={sandbox} port={port} status={status} "
             "bytes={bytes} duration_ms={duration_ms} client={client}",
@@ -186,6 +199,6 @@ class AccessLog:
             port=port,
             status=status,
             bytes=nbytes,
-            duration_ms=round((self._clock() - started) * 1000, 1),
+            duration_ms=round(duration * 1000, 1),
             client=client,
         )

@@ -135,6 +135,10 @@ class SandboxRegistry:
             key=lambda r: (r.namespace, r.name),
         )
 
+    def candidates(self, sandbox_id: str) -> Sequence[str]:
+        """The resource names tried for C{sandbox_id}, in order."""
+        return self._candidates(sandbox_id)
+
     def lookup(self, sandbox_id: str) -> SandboxRecord:
         """
         Find the record a route's sandbox id refers to.

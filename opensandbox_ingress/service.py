@@ -18,10 +18,12 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from .config import IngressConfig
+from .metrics import IngressMetrics
 from .observability import AccessLog, log_build_info
 from .registry import SandboxRegistry
 from .renew import RenewIntentPublisher
 from .sources import build_source, name_candidates_for
+from .web.admin import AdminResource, AdminSite
 from .web.health import IngressResource
 from .web.proxy import Proxy
 from .web.site import IngressSite
@@ -45,7 +47,8 @@ class IngressCore:
         self.upstream = UpstreamClient(reactor, config.upstream_connect_timeout_s)
         self.registry.add_change_listener(self._record_changed)
         self.renew = RenewIntentPublisher(reactor, config.renew_intent)
-        self.access_log = AccessLog()
+        self.metrics = IngressMetrics(config.mode)
+        self.access_log = AccessLog(metrics=self.metrics)
         self.proxy = Proxy(self)
         self.websocket = WebSocketRelay(self)
         self.proxy.websocket_handler = self.websocket.handle
@@ -193,6 +196,12 @@ class IngressService(MultiService):
         self.core.renew.setServiceParent(self)
         self.listeners = _Listeners(reactor, config.listen, self.site)
         self.listeners.setServiceParent(self)
+        self.admin_site = AdminSite(AdminResource(self.core))
+        self.admin_listeners: _Listeners | None = None
+        if config.admin_listen:
+            self.admin_listeners = _Listeners(reactor, config.admin_listen, self.admin_site)
+            self.admin_listeners.setServiceParent(self)
+        _export_state(self.core, self.source)
         #: An ILogObserver that the twistd plugin installs on the application.
         self.log_observer: Any = None
 
@@ -262,6 +271,70 @@ class IngressService(MultiService):
             if s is not self.listeners and s.running
         ]
         await DeferredList([d for d in stops if isinstance(d, Deferred)])
+
+
+def _export_state(core: IngressCore, source: Any) -> None:
+    """Register the scrape-time metrics that read state owned elsewhere."""
+    metrics = core.metrics
+
+    def registry_size() -> tuple[str, dict[str, int]]:
+        ready = sum(1 for r in core.registry.records() if r.ready and r.endpoint)
+        return ("state", {"ready": ready, "not_ready": len(core.registry) - ready})
+
+    metrics.add_gauge(
+        "opensandbox_ingress_sandboxes", "Sandboxes in the registry, by readiness.", registry_size
+    )
+    metrics.add_gauge(
+        "opensandbox_ingress_registry_synced",
+        "1 once the source delivered its first snapshot.",
+        lambda: 1 if core.registry.synced else 0,
+    )
+    metrics.add_gauge(
+        "opensandbox_ingress_active_requests",
+        "HTTP exchanges in flight.",
+        lambda: core.active_requests,
+    )
+    metrics.add_gauge(
+        "opensandbox_ingress_ready_waiters",
+        "Requests holding for a sandbox to become ready.",
+        lambda: core.registry.ready_waiters,
+    )
+    websocket = getattr(core, "websocket", None)
+    if websocket is not None and hasattr(websocket, "active_sessions"):
+        metrics.add_gauge(
+            "opensandbox_ingress_websocket_sessions",
+            "WebSocket sessions open.",
+            lambda: websocket.active_sessions,
+        )
+    stats = getattr(source, "stats", None)
+    if stats is not None and hasattr(stats, "events"):
+        metrics.add_counter(
+            "opensandbox_ingress_watch_events",
+            "Kubernetes watch events received, by type.",
+            lambda: ("type", dict(stats.events)),
+        )
+        metrics.add_counter(
+            "opensandbox_ingress_watch_restarts",
+            "Kubernetes watch restarts, by reason.",
+            lambda: ("reason", dict(stats.restarts)),
+        )
+        metrics.add_counter(
+            "opensandbox_ingress_watch_lists", "Kubernetes lists applied.", lambda: stats.lists
+        )
+    renew = core.renew
+    metrics.add_counter(
+        "opensandbox_ingress_renew_intents",
+        "Renew intents by outcome: published, throttled, dropped, failed.",
+        lambda: (
+            "outcome",
+            {
+                "published": renew.stats.published,
+                "throttled": renew.stats.throttled,
+                "dropped": renew.stats.dropped_overflow,
+                "failed": renew.stats.failed,
+            },
+        ),
+    )
 
 
 def build_ingress(config: IngressConfig, reactor: Any = None) -> IngressService:

@@ -489,7 +489,9 @@ class _Exchange:
         error: IngressError
         if self._timed_out or failure.check(ierror.TimeoutError):
             error = UpstreamTimeout(f"upstream {target} timed out")
+            self._core.metrics.upstream_error("timeout")
         else:
+            self._core.metrics.upstream_error("connect")
             error = UpstreamUnreachable(
                 f"upstream {target} unreachable: {_describe(failure)}"
             )
@@ -556,6 +558,7 @@ class _Exchange:
         else:
             # The backend stopped mid-response: cut the client's connection
             # so it sees a truncated response rather than a clean end.
+            self._core.metrics.upstream_error("timeout" if self._timed_out else "reset")
             self._abort_client()
         self._finished()
 
