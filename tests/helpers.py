@@ -50,12 +50,8 @@ async def start_ingress(
     """Start an ingress on the file provider, on a free loopback port, synced."""
     path = tmp_path / "sandboxes.json"
     write_sandboxes(path, sandboxes)
-    config = IngressConfig(
-        provider_type="file",
-        sandboxes_file=str(path),
-        listen=("tcp:0:interface=127.0.0.1",),
-        **overrides,
-    )
+    overrides.setdefault("listen", ("tcp:0:interface=127.0.0.1",))
+    config = IngressConfig(provider_type="file", sandboxes_file=str(path), **overrides)
     service = build_ingress(config, reactor)
     service.startService()
     await service.when_listening()
