@@ -3,6 +3,7 @@ A byte-level streaming backend, run as its own process by the memory tests
 (``python -m tests.stream_backend``): it prints its port on stdout, then
 
 - ``GET /download?size=N`` answers N bytes, written with a push producer;
+- ``GET /slow?ms=N`` answers ``slow`` after N milliseconds;
 - any request with a body is drained chunk by chunk (never stored) and
   answered with the number of body bytes received.
 """
@@ -48,6 +49,13 @@ class StreamBackend(Protocol):
                     length = int(value)
             self.remaining_body = length
             target = request_line.split(b" ")[1]
+            if target.startswith(b"/slow"):
+                delay = int(target.split(b"ms=")[1]) / 1000
+                reactor.callLater(  # type: ignore[attr-defined]
+                    delay, self.transport.write, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow"
+                )
+                self.in_body = False
+                return
             if target.startswith(b"/download"):
                 self.to_send = int(target.split(b"size=")[1])
                 self.transport.write(
