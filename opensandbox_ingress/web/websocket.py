@@ -1,0 +1,949 @@
+"""
+The WebSocket relay: Autobahn on both hops, frames streamed, backpressured.
+
+Per upgrade request (reactor thread only), after the proxy has routed,
+resolved and authorised it (L{Proxy._dispatch} calls L{WebSocketRelay.handle};
+nothing here routes or authorises again)::
+
+    check the client's handshake                         pure, 400 if broken
+    dial ws://{endpoint}:{port}{path}?{query}             Autobahn client
+        forwarding Origin, every Cookie line, the subprotocol offers,
+        end-to-end headers and the X-Forwarded-* family
+    backend refuses  -> the client gets its status        (HTTP response)
+    unreachable      -> 503 upstream_unreachable          (HTTP response)
+    backend says 101 -> hand the client's socket to an Autobahn server
+                        protocol that accepts with the backend's
+                        subprotocol and Set-Cookie headers
+    relay frames both ways until one side closes; relay the close
+
+The backend is dialled while the client's request is still an ordinary
+C{twisted.web} request, so every failure before the upgrade is rendered by
+the one error renderer (L{render_error}).  Only on the backend's 101 is the
+connection taken over (L{_take_over}).
+
+Frames are relayed as they arrive with Autobahn's frame-level API
+(C{onMessageFrameBegin}/C{onMessageFrameData} -> C{beginMessageFrame}/
+C{sendMessageFrameData}); no message is ever assembled, so there is no size
+cap and memory per session is bounded by socket buffers.  The price is that
+every relayed message ends with an empty final continuation frame (Autobahn's
+streaming API cannot set FIN on a data-carrying frame); message boundaries
+and each fragment's payload are kept, which is what RFC 6455 section 5.4
+lets an intermediary change.  No compression extension is negotiated on
+either hop, so frames pass without being inflated.
+
+Backpressure follows C{twisted/protocols/portforward.py}: each transport has
+a L{_Throttle} registered as its producer that pauses the I{other} transport,
+so a client that stops reading stops the ingress reading from the backend,
+and the other way round.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectingRequest
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from ..errors import (
+    IngressError,
+    ShuttingDown,
+    UpstreamTimeout,
+    WebSocketUpstreamUnreachable,
+)
+from .errors import render_error
+from .proxy import HOP_BY_HOP, POWERED_BY, Resolution, client_ip, forward_request_headers
+
+if TYPE_CHECKING:
+    from ..service import IngressCore
+
+#: Seconds the backend gets to answer the upgrade once TCP is connected,
+#: on top of the connect timeout; the client's open handshake is held for
+#: the whole dial, so its bound is connect timeout + this margin.
+HANDSHAKE_MARGIN_S = 5.0
+
+#: Seconds a peer gets to answer a close frame that the relay sent.  Longer
+#: than Autobahn's 1 s default: a slow reader must first drain the socket
+#: buffers in front of the close frame, and the relay aborts the connection
+#: (losing those bytes) when this expires.
+CLOSE_HANDSHAKE_TIMEOUT_S = 10.0
+
+#: Close code and reason sent to both peers when the ingress drains.
+GOING_AWAY = 1001
+DRAIN_REASON = "ingress shutting down"
+
+#: Access-log status of a session whose client left before the upgrade.
+CLIENT_GONE_STATUS = 499
+
+#: Request headers the relay must not pass to the backend, besides those
+#: L{forward_request_headers} already drops: Autobahn's client writes its own
+#: handshake (C{Host}, key, version, subprotocol list, C{Pragma},
+#: C{Cache-Control}), and no extension is negotiated end to end.
+_NOT_FORWARDED = frozenset(
+    {
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+        b"sec-websocket-accept",
+        b"pragma",
+        b"cache-control",
+    }
+)
+
+#: Backend handshake-response headers the client must not see: hop-by-hop
+#: ones and the handshake's own (the server hop writes fresh ones).
+_NOT_RETURNED = HOP_BY_HOP | {
+    b"content-length",
+    b"sec-websocket-accept",
+    b"sec-websocket-protocol",
+    b"sec-websocket-extensions",
+    b"sec-websocket-version",
+}
+
+#: Headers of a refusing backend's response that still help the client.
+_REFUSAL_HEADERS = (b"location", b"www-authenticate", b"retry-after")
+
+#: The access log's namespace (see L{AccessLog}); a module-level logger,
+#: because a C{Logger} class attribute would name the class instead.
+_access_log = Logger(namespace="opensandbox_ingress.access")
+
+_SUPPORTED_VERSIONS = (b"13", b"8")
+_KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+class WebSocketHandshakeInvalid(IngressError):
+    """The client's upgrade request is not a valid WebSocket handshake (400)."""
+
+    status = 400
+    code = "websocket_handshake_invalid"
+
+    def __init__(self, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        super().__init__(reason)
+        self._headers = headers
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self._headers)
+
+
+class WebSocketUpstreamRefused(IngressError):
+    """
+    The backend answered the upgrade with something other than 101.  The
+    client gets the backend's status when it is an error or a redirect,
+    502 otherwise (a 2xx answer to an upgrade is not a WebSocket endpoint).
+    """
+
+    status = 502
+    code = "upstream_refused"
+
+    def __init__(
+        self, reason: str, status: int, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        super().__init__(reason)
+        # The status is the backend's, so it varies per instance.
+        self.status = status if 300 <= status <= 599 else 502  # type: ignore[misc]
+        self._headers = headers
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self._headers)
+
+
+# -- pure helpers ------------------------------------------------------------------
+
+
+def check_client_handshake(headers: Headers, clientproto: bytes) -> None:
+    """
+    Raise L{WebSocketHandshakeInvalid} unless C{headers} carry a handshake
+    the server hop will accept (RFC 6455 section 4.2.1), so that a broken
+    client never costs a backend connection.
+    """
+    if clientproto != b"HTTP/1.1":
+        raise WebSocketHandshakeInvalid("WebSocket needs HTTP/1.1")
+    versions = headers.getRawHeaders(b"sec-websocket-version") or []
+    if len(versions) != 1 or versions[0].strip() not in _SUPPORTED_VERSIONS:
+        raise WebSocketHandshakeInvalid(
+            "unsupported Sec-WebSocket-Version", ((b"Sec-WebSocket-Version", b"13"),)
+        )
+    keys = headers.getRawHeaders(b"sec-websocket-key") or []
+    key = keys[0].strip() if len(keys) == 1 else b""
+    if len(key) != 24 or key[-2:] != b"==" or not set(key[:-2]) <= _KEY_CHARS:
+        raise WebSocketHandshakeInvalid("missing or malformed Sec-WebSocket-Key")
+    offers = subprotocol_offers(headers)
+    if len(set(offers)) != len(offers):
+        raise WebSocketHandshakeInvalid("duplicate Sec-WebSocket-Protocol offer")
+
+
+def subprotocol_offers(headers: Headers) -> list[str]:
+    """The client's subprotocol offers, in order, across all header lines."""
+    return [
+        token.strip().decode("latin-1")
+        for value in headers.getRawHeaders(b"sec-websocket-protocol") or []
+        for token in value.split(b",")
+        if token.strip()
+    ]
+
+
+def backend_header_lines(forwarded: Headers) -> list[tuple[str, str]]:
+    """
+    The header lines for the backend handshake, one pair per line, from the
+    output of L{forward_request_headers}: repeated headers (two C{Cookie}
+    lines) stay separate lines, never comma-merged.
+    """
+    return [
+        (name.decode("latin-1"), _text(value))
+        for name, values in forwarded.getAllRawHeaders()
+        if name.lower() not in _NOT_FORWARDED
+        for value in values
+    ]
+
+
+def parse_response_head(head: bytes) -> tuple[int, str, list[tuple[bytes, bytes]]]:
+    """
+    Status code, reason and header lines (in order, repeated names kept) of
+    an HTTP response head.  Autobahn parses the same bytes into a dict that
+    comma-joins repeated headers, which breaks C{Set-Cookie}.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    try:
+        status = int(parts[1])
+    except (IndexError, ValueError):
+        status = 0
+    reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip():
+            headers.append((name.strip(), value.strip()))
+    return status, reason, headers
+
+
+def returned_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
+    """
+    The backend's handshake-response headers the client's 101 carries
+    (C{Set-Cookie} and other end-to-end headers), grouped by name for
+    Autobahn's C{onConnect} return value, which writes one line per value.
+    """
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    out: dict[str, list[str]] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _NOT_RETURNED or lowered in listed:
+            continue
+        out.setdefault(name.decode("latin-1"), []).append(_text(value))
+    return out
+
+
+def _text(value: bytes) -> str:
+    # Autobahn builds handshakes as str and encodes them as UTF-8: UTF-8
+    # bytes survive the round trip exactly; anything else (obs-text) is
+    # passed as Latin-1, the best that API allows.
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _resource(path: bytes) -> str:
+    # The request target as Autobahn will write it (see L{_text}); bytes
+    # that are not UTF-8 are percent-encoded so the target stays one line
+    # of the same meaning.
+    try:
+        return path.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in path)
+
+
+def _describe(failure: Failure) -> str:
+    if failure.check(ierror.ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(ierror.TimeoutError):
+        return "connect timed out"
+    if failure.check(ierror.DNSLookupError):
+        return "name does not resolve"
+    message = failure.getErrorMessage()
+    return message.splitlines()[0] if message else type(failure.value).__name__
+
+
+# -- backpressure ------------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class _Throttle:
+    """
+    Registered as the producer of one hop's transport; pauses and resumes
+    reading on the other hop's transport.  C{stopProducing} does nothing:
+    closing is the relay's business (close frames), not the transport's.
+    """
+
+    __slots__ = ("_source", "pauses")
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self.pauses = 0
+
+    def pauseProducing(self) -> None:
+        self.pauses += 1
+        self._source.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._source.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+# -- the two hops --------------------------------------------------------------
+
+
+class _Hop:
+    """
+    Frame relaying shared by both hops: every frame event of this hop is
+    replayed on C{peer}.  Autobahn's per-message buffering (the base
+    C{onMessageFrameData}/C{onMessageEnd}, which feed C{onMessage}) is
+    never reached.
+    """
+
+    session: _Session
+    #: The other hop; None until both are connected.
+    peer: Any = None
+    #: True for the client-facing hop.
+    upstream_bound = False
+    #: A close waiting for the frame being relayed to this peer to end.
+    pending_close: tuple[int | None, bytes | None] | None = None
+    _linger: Any = None  # IDelayedCall
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.beginMessage(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self.session.frame_relayed(self.upstream_bound)
+        peer = self.peer
+        if peer is not None:
+            peer.beginMessageFrame(length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        self.session.count(self.upstream_bound, len(payload))
+        peer = self.peer
+        if peer is not None:
+            peer.sendMessageFrameData(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        # The last frame of a message ends it in onMessageEnd; a close
+        # waiting for this frame goes after that.
+        if not self.current_frame.fin:  # type: ignore[attr-defined]
+            self._flush_peer_close()
+
+    def onMessageEnd(self) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.endMessage()
+            self._flush_peer_close()
+
+    def _flush_peer_close(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.pending_close is not None:
+            # The frame this peer was being sent is complete: the close
+            # that waited for it can go now.
+            code, reason = peer.pending_close
+            peer.pending_close = None
+            peer.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's sendData builds the arguments of a debug log line
+        # (with terminal colouring) on every write, whether or not debug is
+        # on: a large share of the relay's CPU for small messages.  This is
+        # its plain path without that; queued and chopped writes (unused
+        # here) still go through Autobahn's.
+        if sync or chopsize or self.send_queue:  # type: ignore[attr-defined]
+            super().sendData(data, sync, chopsize)  # type: ignore[misc]
+            return
+        self.transport.write(data)  # type: ignore[attr-defined]
+        state = self.state  # type: ignore[attr-defined]
+        if state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
+        elif state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # Autobahn validates the code and reason and answers the close
+        # (echoing it: echoCloseCodeReason); then the same close goes on to
+        # the other peer.  A close that answers one we sent is not relayed.
+        state = self.state  # type: ignore[attr-defined]
+        stop = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        if not stop and state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self.session.close_received(self, code, reasonRaw)
+        return stop  # type: ignore[no-any-return]
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.session.hop_closed(self, wasClean)
+
+    def send_close(self, code: int | None, reason: bytes | None) -> None:
+        """
+        Send a close frame to this hop's peer, now or, when a relayed frame
+        is half written, as soon as that frame is complete (a control frame
+        may come between the frames of a message, never inside one).
+
+        C{sendCloseFrame}, not C{sendClose}: the latter refuses codes such
+        as 1001 or 1011 that a relay must pass on.  No code (1005) goes on
+        as a close frame without a code.
+        """
+        if self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
+            return
+        if self.send_state == self.SEND_STATE_INSIDE_MESSAGE_FRAME:  # type: ignore[attr-defined]
+            self.pending_close = (code, reason)
+        else:
+            self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)  # type: ignore[attr-defined]
+
+    def dropConnection(self, abort: bool = False) -> None:
+        # A clean drop (loseConnection) waits for the send buffer to empty,
+        # which a peer that stopped reading postpones forever: abort after
+        # the close-handshake timeout.
+        lingering = not abort and self.state != self.STATE_CLOSED  # type: ignore[attr-defined]
+        super().dropConnection(abort)  # type: ignore[misc]
+        transport = self.transport  # type: ignore[attr-defined]
+        if lingering and transport is not None and self._linger is None:
+            self._linger = self.session.relay.reactor.callLater(
+                CLOSE_HANDSHAKE_TIMEOUT_S, transport.abortConnection
+            )
+
+    def connectionLost(self, reason: Failure) -> None:
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
+        super().connectionLost(reason)  # type: ignore[misc]
+
+
+class _ClientHop(_Hop, WebSocketServerProtocol):  # type: ignore[misc]
+    """The server protocol facing the client, created at the take-over."""
+
+    upstream_bound = True
+
+    def onConnect(self, request: Any) -> Any:
+        # Accept with what the backend chose (its 101 is already in).
+        return self.session.subprotocol, self.session.response_headers
+
+    def onOpen(self) -> None:
+        self.session.client_open()
+
+
+class _BackendHop(_Hop, WebSocketClientProtocol):  # type: ignore[misc]
+    """The client protocol facing the backend."""
+
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
+        return self.session.backend_request()
+
+    def onOpen(self) -> None:
+        self.session.backend_open(self)
+
+
+class _HeaderLines(dict):  # type: ignore[type-arg]
+    """
+    Header lines for Autobahn's client handshake, which writes one line per
+    C{headers.items()} pair: a dict cannot hold two C{Cookie} lines, so this
+    one yields its pairs as given, repeated names included.
+    """
+
+    def __init__(self, lines: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self._lines = lines
+
+    def items(self) -> Any:
+        return list(self._lines)
+
+
+class _BackendFactory(WebSocketClientFactory):  # type: ignore[misc]
+    """
+    One per session: Autobahn checks the backend's chosen subprotocol
+    against C{factory.protocols}, which are this client's offers.
+    """
+
+    protocol = _BackendHop
+    noisy = False
+
+    def __init__(self, session: _Session, offers: list[str], reactor: Any) -> None:
+        super().__init__(protocols=offers, useragent=None, reactor=reactor)
+        self.session = session
+
+    def buildProtocol(self, addr: Any) -> _BackendHop:
+        hop = cast(_BackendHop, super().buildProtocol(addr))
+        hop.session = self.session
+        self.session.backend = hop
+        return hop
+
+
+# -- sessions -----------------------------------------------------------------------
+
+_DIALING, _ACCEPTING, _OPEN, _FINISHED = "dialing", "accepting", "open", "finished"
+
+
+class _Session:
+    """
+    One relayed WebSocket session, from the backend dial to the access-log
+    line.  Reactor thread only.
+
+    States: C{dialing} (the client's request is still an ordinary HTTP
+    request; every failure is rendered as an HTTP response), C{accepting}
+    (the backend said 101 and the client's socket now belongs to Autobahn),
+    C{open} (frames flow, backpressure is wired), C{finished}.  From start
+    to finish it counts as one in-flight request on the core, so a drain
+    waits for it.
+    """
+
+    def __init__(
+        self, relay: WebSocketRelay, request: Request, resolution: Resolution, started: float
+    ) -> None:
+        self.relay = relay
+        self.request: Request | None = request
+        route = resolution.route
+        self.sandbox_id = route.sandbox_id
+        self.port = route.port
+        self.endpoint = resolution.endpoint
+        self.path = route.path
+        self.request_uri = relay.request_uri(route)
+        self.started = started
+        self.client_ip = client_ip(request)
+        self.state = _DIALING
+        self.client: _ClientHop | None = None
+        self.backend: _BackendHop | None = None
+        self.client_closed = False
+        self.backend_closed = False
+        self.subprotocol: str | None = None
+        self.response_headers: dict[str, list[str]] = {}
+        self._offers = subprotocol_offers(request.requestHeaders)
+        self._lines = backend_header_lines(
+            forward_request_headers(request, resolution.endpoint, route)
+        )
+        self._connecting: Deferred[Any] | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.frames_up = 0
+        self.frames_down = 0
+        self.close_code: int | None = None
+        self.closed_by = "-"
+        self.throttles: tuple[_Throttle, _Throttle] | None = None
+
+    # -- dialing -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Dial the backend."""
+        relay = self.relay
+        assert self.request is not None
+        self.request.notifyFinish().addErrback(self._client_gone)
+        factory = _BackendFactory(self, self._offers, relay.reactor)
+        factory.setProtocolOptions(**relay.client_options)
+        d = relay.endpoint_for(self.endpoint, self.port).connect(factory)
+        if self.state == _DIALING and self._connecting is None and not d.called:
+            self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def backend_request(self) -> ConnectingRequest:
+        """What the backend handshake carries (Autobahn's C{onConnecting})."""
+        host = f"[{self.endpoint}]" if ":" in self.endpoint else self.endpoint
+        return ConnectingRequest(
+            host=host,
+            port=self.port,
+            resource=_resource(self.path),
+            headers=_HeaderLines(self._lines),
+            useragent=None,
+            origin=None,
+            protocols=self._offers,
+        )
+
+    def _target(self) -> str:
+        host = f"[{self.endpoint}]" if ":" in self.endpoint else self.endpoint
+        return f"ws://{host}:{self.port}"
+
+    def _connected(self, hop: _BackendHop) -> None:
+        self._connecting = None
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self.state != _DIALING:
+            return
+        self.refuse(
+            WebSocketUpstreamUnreachable(
+                f"upstream {self._target()} unreachable: {_describe(failure)}"
+            )
+        )
+
+    def _client_gone(self, failure: Failure) -> None:
+        # The client left before the upgrade.  (A taken-over request never
+        # finishes, so this cannot fire later.)
+        if self.state == _DIALING:
+            self._end_before_upgrade(CLIENT_GONE_STATUS, 0)
+
+    def refuse(self, error: IngressError) -> None:
+        """Answer the still-HTTP client with C{error}; end the session."""
+        request = self.request
+        if request is not None:
+            render_error(request, error)
+        self._end_before_upgrade(error.status, len(error.body()))
+
+    def _end_before_upgrade(self, status: int, nbytes: int) -> None:
+        self.state = _FINISHED
+        self.request = None
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        backend = self.backend
+        if backend is not None and backend.state != backend.STATE_CLOSED:
+            backend.dropConnection(abort=True)
+        relay = self.relay
+        relay.sessions.discard(self)
+        relay.core.request_finished()
+        relay.core.access_log.request(
+            b"GET",
+            self.sandbox_id,
+            self.port,
+            status,
+            nbytes,
+            self.started,
+            self.client_ip,
+            kind="ws",
+        )
+
+    def _backend_failed(self, hop: _BackendHop) -> None:
+        """The backend hop closed before its handshake completed."""
+        head = getattr(hop, "http_response_data", None)
+        error: IngressError
+        if head is not None:
+            status, reason, headers = parse_response_head(head)
+            if status != 101:
+                kept = tuple(
+                    (name, value) for name, value in headers if name.lower() in _REFUSAL_HEADERS
+                )
+                error = WebSocketUpstreamRefused(
+                    f"upstream {self._target()} refused the WebSocket handshake: "
+                    f"{status} {reason}".rstrip(),
+                    status,
+                    kept,
+                )
+            else:
+                error = WebSocketUpstreamRefused(
+                    f"upstream {self._target()} sent an invalid WebSocket handshake: "
+                    f"{hop.wasNotCleanReason}",
+                    502,
+                )
+        elif getattr(hop, "wasOpenHandshakeTimeout", False):
+            error = UpstreamTimeout(f"upstream {self._target()} did not answer the upgrade")
+        else:
+            error = WebSocketUpstreamUnreachable(
+                f"upstream {self._target()} closed the connection during the handshake"
+            )
+        self.refuse(error)
+
+    # -- accepting -------------------------------------------------------------------
+
+    def backend_open(self, hop: _BackendHop) -> None:
+        """The backend said 101: take over the client's connection."""
+        request = self.request
+        if self.state != _DIALING or request is None or request.channel is None:
+            hop.dropConnection(abort=True)
+            return
+        _status, _reason, headers = parse_response_head(hop.http_response_data)
+        self.subprotocol = hop.websocket_protocol_in_use
+        self.response_headers = returned_headers(headers)
+        name, values = POWERED_BY
+        self.response_headers[name.decode("ascii")] = [v.decode("ascii") for v in values]
+        self.state = _ACCEPTING
+        self.request = None
+        client = cast(_ClientHop, self.relay.server_factory.buildProtocol(None))
+        client.session = self
+        self.client = client
+        _take_over(request, client)
+
+    def client_open(self) -> None:
+        """The client has its 101: join the hops and wire backpressure."""
+        client, backend = self.client, self.backend
+        assert client is not None and backend is not None
+        if backend.state != backend.STATE_OPEN:
+            # The backend went away while the client was being accepted.
+            client.dropConnection(abort=False)
+            return
+        self.state = _OPEN
+        client.peer = backend
+        backend.peer = client
+        # A full client send buffer pauses reading from the backend, and
+        # the other way round (twisted/protocols/portforward.py).
+        client_transport: Any = client.transport
+        backend_transport: Any = backend.transport
+        down = _Throttle(backend_transport)
+        up = _Throttle(client_transport)
+        client_transport.registerProducer(down, True)
+        backend_transport.registerProducer(up, True)
+        self.throttles = (down, up)
+
+    # -- relaying ---------------------------------------------------------------------
+
+    def frame_relayed(self, upstream_bound: bool) -> None:
+        """A frame starts passing; offer a (throttled) renew intent."""
+        if upstream_bound:
+            self.frames_up += 1
+        else:
+            self.frames_down += 1
+        self.relay.offer_renew(self)
+
+    def count(self, upstream_bound: bool, n: int) -> None:
+        if upstream_bound:
+            self.bytes_up += n
+        else:
+            self.bytes_down += n
+
+    def _other(self, hop: _Hop) -> Any:
+        return self.backend if hop is self.client else self.client
+
+    def close_received(self, hop: _Hop, code: int | None, reason: bytes | None) -> None:
+        """C{hop}'s peer started a close: send the same close to the other peer."""
+        if self.closed_by == "-":
+            self.close_code = 1005 if code is None else code
+            self.closed_by = "client" if hop is self.client else "backend"
+        other = self._other(hop)
+        if other is not None:
+            other.send_close(code, reason or None)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the session from the ingress side (drain)."""
+        if self.state == _DIALING:
+            self.refuse(ShuttingDown("ingress is shutting down"))
+            return
+        if self.state == _FINISHED:
+            return
+        if self.closed_by == "-":
+            self.close_code = code
+            self.closed_by = "ingress"
+        for hop in (self.client, self.backend):
+            if hop is not None and hop.state == hop.STATE_OPEN:
+                hop.send_close(code, reason.encode("utf-8"))
+            elif hop is not None and hop.state == hop.STATE_CONNECTING:
+                hop.dropConnection(abort=True)
+
+    def hop_closed(self, hop: _Hop, was_clean: bool) -> None:
+        """One hop's connection is gone."""
+        if self.state == _FINISHED:
+            return
+        if hop is self.backend and self.state == _DIALING:
+            self._backend_failed(hop)  # type: ignore[arg-type]
+            return
+        if hop is self.client:
+            self.client_closed = True
+        else:
+            self.backend_closed = True
+        if self.closed_by == "-":
+            self.closed_by = "client" if hop is self.client else "backend"
+            self.close_code = 1006
+        other = self._other(hop)
+        if other is not None and other.state in (other.STATE_OPEN, other.STATE_CONNECTING):
+            # The far peer is gone without a close having passed (or with
+            # one still waiting for a frame that can no longer end): end
+            # this side the same way; its peer sees 1006, as it would
+            # without the ingress.
+            other.dropConnection(abort=False)
+        if other is not None and other.transport is not None:
+            # The gone hop's transport will never ask to resume the other
+            # one, which must read its peer's close reply.
+            other.transport.resumeProducing()
+        if self.client_closed and self.backend_closed:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.state = _FINISHED
+        relay = self.relay
+        relay.sessions.discard(self)
+        relay.core.request_finished()
+        for hop in (self.client, self.backend):
+            if hop is not None:
+                hop.peer = None
+        _access_log.info(
+            "ws GET sandbox={sandbox} port={port} status=101 "
+            "bytes_in={bytes_in} bytes_out={bytes_out} frames_in={frames_in} "
+            "frames_out={frames_out} close_code={close_code} closed_by={closed_by} "
+            "duration_ms={duration_ms} client={client}",
+            kind="ws",
+            method="GET",
+            status=101,
+            sandbox=self.sandbox_id,
+            port=self.port,
+            bytes_in=self.bytes_up,
+            bytes_out=self.bytes_down,
+            frames_in=self.frames_up,
+            frames_out=self.frames_down,
+            close_code=self.close_code if self.close_code is not None else "-",
+            closed_by=self.closed_by,
+            duration_ms=round((self.relay.clock() - self.started) * 1000, 1),
+            client=self.client_ip,
+        )
+
+
+def _take_over(request: Request, protocol: _ClientHop) -> None:
+    """
+    Hand the client's connection from C{twisted.web} to C{protocol} and
+    replay the handshake into it.
+
+    This is what C{twisted.web}'s own WebSocket support does
+    (C{HTTPChannel._protocolUpgradeForWebsockets},
+    U{https://github.com/twisted/twisted/blob/trunk/src/twisted/web/http.py}):
+    the channel stays the transport's protocol but forwards C{dataReceived}
+    and C{connectionLost}, which works under TLS and any wrapping transport.
+    Autobahn's C{WebSocketResource.render} likewise replays the request head
+    into the protocol; here it is a minimal head with just what Autobahn's
+    server handshake checks (the client's headers were forwarded already).
+    """
+    channel: Any = request.channel
+    transport = channel.transport
+    headers = request.requestHeaders
+    host = (headers.getRawHeaders(b"host") or [b"localhost"])[0]
+    head = [
+        b"GET / HTTP/1.1",
+        b"Host: " + host,
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: " + (headers.getRawHeaders(b"sec-websocket-key") or [b""])[0].strip(),
+        b"Sec-WebSocket-Version: "
+        + (headers.getRawHeaders(b"sec-websocket-version") or [b"13"])[0].strip(),
+    ]
+    offers = subprotocol_offers(headers)
+    if offers:
+        head.append(b"Sec-WebSocket-Protocol: " + ", ".join(offers).encode("latin-1"))
+    # Bytes the client sent after its handshake sit in the channel's buffer
+    # (HTTPChannel._dataBuffer, filled while a request is being handled).
+    buffered = b"".join(getattr(channel, "_dataBuffer", None) or [])
+    channel._dataBuffer = []
+    channel.dataReceived = protocol.dataReceived
+    channel.connectionLost = protocol.connectionLost
+    # The request is never finished; the channel must not keep it alive.
+    del channel.requests[:]
+    # The channel registered itself as the transport's producer; the relay's
+    # throttle takes that place once both hops are open.
+    transport.unregisterProducer()
+    protocol.makeConnection(transport)
+    transport.resumeProducing()
+    protocol.dataReceived(b"\r\n".join(head) + b"\r\n\r\n" + buffered)
+
+
+# -- the relay ---------------------------------------------------------------------
+
+
+class WebSocketRelay:
+    """
+    The WebSocket half of one ingress: the proxy's C{websocket_handler}.
+
+    Owns the server-hop factory, the options of both hops and the set of
+    live sessions (for drain).  Reactor thread only.
+    """
+
+    def __init__(self, core: IngressCore, clock: Callable[[], float] = time.monotonic) -> None:
+        self.core = core
+        self.reactor = core.reactor
+        self.clock = clock
+        config = core.config
+        self._uri_mode = config.mode == "uri"
+        self._connect_timeout = config.upstream_connect_timeout_s
+        handshake_timeout = config.upstream_connect_timeout_s + HANDSHAKE_MARGIN_S
+        ping = config.websocket_ping_interval_s
+        common: dict[str, Any] = {
+            "utf8validateIncoming": True,
+            "maxFramePayloadSize": 0,
+            "maxMessagePayloadSize": 0,
+            "autoFragmentSize": 0,
+            "failByDrop": True,
+            "echoCloseCodeReason": True,
+            "openHandshakeTimeout": handshake_timeout,
+            "closeHandshakeTimeout": CLOSE_HANDSHAKE_TIMEOUT_S,
+            "autoPingInterval": ping,
+            # A hop that leaves a keep-alive ping unanswered for the idle
+            # timeout is dead; 0 (no idle timeout) never drops.
+            "autoPingTimeout": config.idle_timeout_s if ping else 0,
+        }
+        self.client_options = dict(common)
+        self.server_factory = WebSocketServerFactory(server=None, reactor=self.reactor)
+        self.server_factory.protocol = _ClientHop
+        self.server_factory.noisy = False
+        self.server_factory.setProtocolOptions(webStatus=False, **common)
+        #: Sessions from dial to last close.
+        self.sessions: set[_Session] = set()
+
+    def handle(self, request: Request, resolution: Resolution) -> None:
+        """Relay one resolved upgrade request (the proxy's hook)."""
+        session = _Session(self, request, resolution, self.clock())
+        self.core.request_started()
+        self.sessions.add(session)
+        try:
+            if self.core.draining:
+                raise ShuttingDown("ingress is shutting down")
+            check_client_handshake(request.requestHeaders, request.clientproto)
+        except IngressError as e:
+            session.refuse(e)
+            return
+        session.start()
+
+    def request_uri(self, route: Any) -> str:
+        """The renew intent's C{request_uri}: the forwarded path in URI mode."""
+        return route.path.decode("latin-1") if self._uri_mode else ""
+
+    def offer_renew(self, session: _Session) -> None:
+        self.core.renew.offer(session.sandbox_id, session.port, session.request_uri)
+
+    def endpoint_for(self, host: str, port: int) -> Any:
+        """A client endpoint (C{IStreamClientEndpoint}) for the backend."""
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            return HostnameEndpoint(self.reactor, host, port, timeout=self._connect_timeout)
+        cls = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
+        return cls(self.reactor, host, port, timeout=self._connect_timeout)
+
+    @property
+    def active_sessions(self) -> int:
+        """Sessions in flight, from backend dial to last close (a metrics gauge)."""
+        return len(self.sessions)
+
+    def close_all(self, code: int = GOING_AWAY, reason: str = DRAIN_REASON) -> None:
+        """Close every session (drain): open ones get C{code}, dials a 503."""
+        for session in list(self.sessions):
+            session.close(code, reason)
+
+
+__all__ = [
+    "CLOSE_HANDSHAKE_TIMEOUT_S",
+    "HANDSHAKE_MARGIN_S",
+    "WebSocketHandshakeInvalid",
+    "WebSocketRelay",
+    "WebSocketUpstreamRefused",
+    "backend_header_lines",
+    "check_client_handshake",
+    "parse_response_head",
+    "returned_headers",
+    "subprotocol_offers",
+]
