@@ -217,13 +217,17 @@ def parse_secure_access_keys(text: str) -> tuple[tuple[str, bytes], ...]:
         return ()
     for index, segment in enumerate(text.split(","), start=1):
         segment = segment.strip()
-        where = f"segment {index} ({segment!r})"
+        # Name the segment by position and key id only: the rest is secret,
+        # and a failed start's error line ends up in the logs.
+        where = f"segment {index}"
         if not segment:
             raise ConfigError(flag, f"segment {index} is empty")
         key_id, sep, encoded = segment.partition("=")
         if not sep:
             raise ConfigError(flag, f"{where} is not id=BASE64")
         key_id = key_id.strip()
+        if len(key_id) == 1:
+            where = f"segment {index} (key id {key_id!r})"
         if len(key_id) != 1 or not _KEY_ID.fullmatch(key_id):
             raise ConfigError(
                 flag, f"{where}: key id must be one character of [0-9a-z]"

@@ -242,14 +242,15 @@ def test_redis_dsn_parsed(dsn: str, parsed: RedisDsn) -> None:
         (["--renew-intent-queue-key", ""], "renew-intent-queue-key", "empty"),
         (["--provider-type", "file"], "sandboxes-file", "required"),
         (["--provider-type", "file", "--sandboxes-file", ""], "sandboxes-file", "required"),
-        # Secure-access keys: the message names the bad segment.
-        (["--secure-access-keys", "abc"], "secure-access-keys", "segment 1 ('abc')"),
+        # Secure-access keys: the message names the bad segment by position
+        # (and key id), never by its secret.
+        (["--secure-access-keys", "abc"], "secure-access-keys", "segment 1 is not id=BASE64"),
         (
             ["--secure-access-keys", f"a={SECRET},b{SECRET}"],
             "secure-access-keys",
-            f"segment 2 ('b{SECRET}')",
+            "segment 2 is not id=BASE64",
         ),
-        (["--secure-access-keys", f"A={SECRET}"], "secure-access-keys", f"('A={SECRET}')"),
+        (["--secure-access-keys", f"A={SECRET}"], "secure-access-keys", "segment 1 (key id 'A')"),
         (["--secure-access-keys", f"ab={SECRET}"], "secure-access-keys", "one character"),
         (["--secure-access-keys", f"={SECRET}"], "secure-access-keys", "one character"),
         (["--secure-access-keys", f"-={SECRET}"], "secure-access-keys", "one character"),
@@ -330,3 +331,12 @@ def test_parse_port_only_raises_config_error(text: str) -> None:
     else:
         assert 1 <= port <= 65535
         assert int(text) == port
+
+
+def test_key_errors_never_echo_the_secret() -> None:
+    """A malformed key's error line names the segment but not the secret in it."""
+    for value in (f"A={SECRET}", f"a={SECRET},{SECRET}", "a=not*base64!", f"a={SECRET},a={SECRET}"):
+        with pytest.raises(ConfigError) as e:
+            parse_secure_access_keys(value)
+        message = str(e.value)
+        assert SECRET not in message and "not*base64" not in message, message
