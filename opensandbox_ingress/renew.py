@@ -55,6 +55,9 @@ REDIS_SOCKET_TIMEOUT_S = 3.0
 REDIS_HEALTH_CHECK_INTERVAL_S = 15
 #: Most intents sent in one pipeline.
 MAX_BATCH = 1000
+#: Intents held at most, by default, while Redis is slow or down (a few
+#: hundred bytes each); read when a publisher is made, so tests may lower it.
+DEFAULT_QUEUE_SIZE = 10000
 #: First and largest delay, in seconds, between two attempts while Redis fails.
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 30.0
@@ -297,7 +300,7 @@ class RenewIntentPublisher(Service):
         reactor: Any,
         config: RenewIntentConfig,
         *,
-        queue_size: int = 10000,
+        queue_size: int | None = None,
         clock: Any = None,
     ) -> None:
         """
@@ -305,11 +308,14 @@ class RenewIntentPublisher(Service):
         @param config: what to publish where; nothing happens unless
             C{config.enabled}.
         @param queue_size: intents held at most while the thread is busy or
-            Redis is down; more are dropped and counted.
+            Redis is down; more are dropped and counted.  L{DEFAULT_QUEUE_SIZE}
+            when not given.
         @param clock: C{IReactorTime} (or a callable returning seconds) for
             the throttle; the reactor by default.
         @raise ConfigError: the DSN cannot make a Redis client.
         """
+        if queue_size is None:
+            queue_size = DEFAULT_QUEUE_SIZE
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self._reactor = reactor
@@ -333,6 +339,11 @@ class RenewIntentPublisher(Service):
         self._client: redis.Redis | None = None
         if self._enabled:
             self._client = self._make_client()
+
+    @property
+    def queue_size(self) -> int:
+        """Intents held at most; offers beyond it are dropped and counted."""
+        return self._queue_size
 
     @property
     def queued(self) -> int:
@@ -371,7 +382,10 @@ class RenewIntentPublisher(Service):
         or the queue is full.
 
         @param port: the routed port, 0 if none.
-        @param request_uri: the forwarded path in URI mode, empty otherwise.
+        @param request_uri: the forwarded target in URI mode, empty
+            otherwise.  Only its path goes into the intent: a query (which
+            often carries tokens) is cut off at the first C{?}, as upstream
+            sends C{URL.Path}.
         """
         if not self._enabled:
             return
@@ -381,7 +395,7 @@ class RenewIntentPublisher(Service):
             if not self._throttle.admit(sandbox_id):
                 stats.throttled += 1
                 return
-            intent: _Intent = (sandbox_id, time.time(), port, request_uri)
+            intent: _Intent = (sandbox_id, time.time(), port, request_uri.partition("?")[0])
             with self._cond:
                 full = len(self._queue) >= self._queue_size
                 if not full:
