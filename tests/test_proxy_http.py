@@ -717,3 +717,33 @@ async def test_ready_wait_cancelled_when_client_leaves(tmp_path: Path) -> None:
         await wait_until(lambda: service.registry.ready_waiters == 0, what="wait released")
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeout_answers_upstream_timeout(tmp_path: Path) -> None:
+    """A backend whose accept queue is full (SYNs unanswered) hits the connect timeout."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # Fill the accept queue so that further SYNs are dropped by the kernel.
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    service = await start_ingress(tmp_path, SANDBOXES, upstream_connect_timeout_s=0.5)
+    try:
+        response, body = await request(
+            "GET", ingress_url(service, "/"), headers={"OpenSandbox-Ingress-To": f"sbx-{port}"}
+        )
+        assert response.code == 502, body
+        assert header(response, "OpenSandbox-Ingress-Error") == "upstream_timeout"
+    finally:
+        await service.stopService()
+        for s in fillers:
+            s.close()
+        listener.close()
