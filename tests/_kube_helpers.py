@@ -99,3 +99,22 @@ def agentsandbox(
         "metadata": metadata,
         "status": status,
     }
+
+
+def write_kubeconfig(path: Any, server: str, token: str = "e2e-token") -> Any:
+    """
+    Write a one-context kubeconfig for C{server} (the fake API's URL) that
+    authenticates with a bearer C{token}; returns C{path}.
+    """
+    import yaml
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": "ingress", "user": {"token": token}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "ingress"}}],
+        "current-context": "fake",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -23,9 +23,13 @@ Resource versions come from one global counter, like etcd's revision.
 Test controls (call them from any thread): L{create}, L{update},
 L{delete}, L{emit}, L{emit_raw}, L{bookmark}, L{compact}, L{drop_watches}
 (abrupt: no terminating chunk), L{end_watches} (normal end),
-L{expire_watches} (ERROR 410 on open streams), L{fail_next} (HTTP errors),
+L{expire_watches} (ERROR 410 on open streams), L{stall_watches} (open
+streams go silent for good without closing, as a half-dead connection
+does), L{pause_watches} / L{resume_watches} (hold back delivery, then
+send the backlog), L{fail_next} / L{clear_failures} (HTTP errors),
 L{hold_next} (accept, never answer),
-and the request log L{requests}.
+and the request log L{requests}.  L{create_many} loads many objects at
+once (benchmarks).
 
 Threads: one server thread plus one per connection (daemon threads); all
 state is guarded by one condition variable.
@@ -94,6 +98,7 @@ class _Stream:
     dropped: bool = False
     ended: bool = False
     expired: bool = False
+    stalled: bool = False
 
 
 @dataclass
@@ -109,6 +114,7 @@ class _State:
     failures: list[int] = field(default_factory=list)
     holds: int = 0
     held: int = 0
+    paused: bool = False
     requests: list[RecordedRequest] = field(default_factory=list)
     connections: set[socket.socket] = field(default_factory=set)
     stopping: bool = False
@@ -289,6 +295,30 @@ class FakeKubeAPI:
         with self._cond:
             self._record(resource, "RAW", namespace, line)
 
+    def create_many(self, objs: list[dict[str, Any]], *, plural: str) -> str:
+        """
+        Store many new objects at once, like L{create} but without an
+        C{ADDED} event each: they share one new resourceVersion, which is
+        returned.  For loading large lists quickly; watches opened before
+        do not hear of them.
+        """
+        with self._cond:
+            state = self._state
+            state.revision += 1
+            version = str(state.revision)
+            for obj in objs:
+                obj = copy.deepcopy(obj)
+                metadata = obj.setdefault("metadata", {})
+                metadata.setdefault("namespace", "default")
+                metadata.setdefault("uid", str(uuid.uuid4()))
+                metadata["resourceVersion"] = version
+                key = (plural, metadata["namespace"], metadata["name"])
+                if key in state.objects:
+                    raise ValueError(f"{key} exists")
+                state.objects[key] = obj
+            self._cond.notify_all()
+            return version
+
     def objects(self, plural: str) -> list[dict[str, Any]]:
         """The stored objects of a plural."""
         with self._cond:
@@ -356,10 +386,46 @@ class FakeKubeAPI:
             self._cond.notify_all()
             return len(self._state.streams)
 
+    def stall_watches(self) -> int:
+        """
+        Make every open watch stream go silent for good without closing it,
+        like a connection whose peer vanished: nothing more is sent on it,
+        not even the end at C{timeoutSeconds}; it only closes when the client
+        closes it (or the server stops).  Events recorded meanwhile reach the
+        client only on a later watch.  Returns how many streams stalled.
+        """
+        with self._cond:
+            for stream in self._state.streams:
+                stream.stalled = True
+            self._cond.notify_all()
+            return len(self._state.streams)
+
+    def pause_watches(self) -> None:
+        """
+        Hold back delivery on every watch stream (open or future) until
+        L{resume_watches}; changes recorded meanwhile pile up.  Streams stay
+        open, and their C{timeoutSeconds} waits until delivery resumes.
+        """
+        with self._cond:
+            self._state.paused = True
+
+    def resume_watches(self) -> None:
+        """Deliver what L{pause_watches} held back, as fast as possible."""
+        with self._cond:
+            self._state.paused = False
+            self._cond.notify_all()
+
     def fail_next(self, count: int, status: int = 500) -> None:
         """Answer the next C{count} requests with HTTP C{status}."""
         with self._cond:
             self._state.failures.extend([status] * count)
+
+    def clear_failures(self) -> int:
+        """Forget the failures L{fail_next} has not used yet; returns how many."""
+        with self._cond:
+            left = len(self._state.failures)
+            self._state.failures.clear()
+            return left
 
     def hold_next(self, count: int) -> None:
         """Accept the next C{count} requests but answer none until L{release}."""
@@ -532,6 +598,12 @@ class FakeKubeAPI:
                     if stream.dropped or state.stopping:
                         handler.close_connection = True
                         return
+                    if stream.stalled or state.paused:
+                        if _peer_closed(stream.connection):
+                            handler.close_connection = True
+                            return
+                        self._cond.wait(PEER_CHECK_INTERVAL_S)
+                        continue
                     pending = [
                         c
                         for c in state.history[stream.index :]

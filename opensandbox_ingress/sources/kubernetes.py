@@ -13,6 +13,9 @@ Threads and ownership:
     a list is handed over whole as the result of C{deferToThreadPool} and
     applied with one C{replace_all}.  Both travel through the reactor's
     one FIFO of thread calls, so they apply in the order they were read.
+  - Objects are converted to records (pure functions) in the watch thread,
+    so the reactor only swaps records in: a re-list of 100,000 sandboxes
+    blocks it for the C{replace_all} alone, not for the conversion.
   - The loop that decides what to do next (list, watch, back off) is a
     coroutine on the reactor thread; only single blocking requests run in
     the thread.
@@ -21,15 +24,33 @@ Shutdown closes the socket of the request in flight from the stopping side
 (a watch otherwise blocks until its server-side timeout), then stops the
 pool.  Every request carries C{_request_timeout}, so a dead connection
 cannot block a thread forever either.
+
+Environment knobs, read by L{build_kubernetes_source} (for tests and for
+operators who need to tune them; there are no flags for them):
+
+  - C{OPENSANDBOX_INGRESS_WATCH_TIMEOUT_S}: whole seconds >= 1,
+    C{timeoutSeconds} of each watch request (default L{WATCH_TIMEOUT_S}).
+  - C{OPENSANDBOX_INGRESS_REQUEST_TIMEOUT_S}: seconds > 0 a list may stay
+    silent, and a watch beyond its C{timeoutSeconds}, before its connection
+    is declared dead (default L{REQUEST_TIMEOUT_S}).  A stalled watch stream
+    is thus detected after C{WATCH_TIMEOUT_S + REQUEST_TIMEOUT_S} of silence.
+  - C{OPENSANDBOX_INGRESS_BACKOFF_BASE_S} and
+    C{OPENSANDBOX_INGRESS_BACKOFF_CAP_S}: seconds > 0, first and largest
+    retry delay after failures (defaults L{BACKOFF_BASE_S},
+    L{BACKOFF_CAP_S}); the cap must not be below the base.
+
+A bad value stops start-up with one line naming the variable.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from random import random as _default_random
 from typing import Any, cast
@@ -43,8 +64,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from ..config import IngressConfig
-from ..registry import SandboxRegistry
+from ..config import ConfigError, IngressConfig
+from ..registry import SandboxRecord, SandboxRegistry
 from ._kube_objects import (
     MalformedObject,
     ResourceKind,
@@ -121,9 +142,34 @@ class _Stopping(Exception):
 
 
 @dataclass(frozen=True)
+class _Skipped:
+    """An object left out as malformed, to be counted and logged."""
+
+    what: str
+    obj: str
+    error: str
+
+
+@dataclass(frozen=True)
 class _Listing:
-    items: list[Any]
+    records: list[SandboxRecord]
+    skipped: list[_Skipped]
     resource_version: str
+
+
+@dataclass(frozen=True)
+class _Change:
+    """
+    One ADDED/MODIFIED/DELETED event, converted in the watch thread.
+    C{key} is C{None} when the object's metadata is unusable (nothing to
+    apply); C{record} is C{None} to remove C{key}.
+    """
+
+    event_type: str
+    key: tuple[str, str] | None
+    record: SandboxRecord | None
+    resource_version: str | None
+    skipped: _Skipped | None = None
 
 
 @dataclass(frozen=True)
@@ -368,6 +414,9 @@ class KubernetesSource(Service):
         failures = 0
         while not stop.is_set():
             try:
+                # Whether this watch starts from a list made just now (rather
+                # than resuming from a version seen on an earlier stream).
+                fresh = resource_version is None
                 if resource_version is None:
                     try:
                         listing = await self._in_thread(self._list_blocking, stop)
@@ -406,7 +455,12 @@ class KubernetesSource(Service):
                 GONE: "resourceVersion expired (410), listing again",
                 CLOSED: "stream ended, watching again",
             }.get(end.reason, "")
-            if healthy and end.reason in (GONE, CLOSED):
+            # A watch resumed from an old version that is told 410 at once is
+            # the normal sequel of a long disconnection: list again at once
+            # (the registry is stale until then).  Told 410 right after a
+            # list, the server expires everything: back off like any failure.
+            resumed_gone = end.reason == GONE and not fresh
+            if (healthy and end.reason in (GONE, CLOSED)) or resumed_gone:
                 # The normal life of a watch: go again at once.
                 self.stats.restarts[end.reason] += 1
                 self._log.info(
@@ -454,58 +508,45 @@ class KubernetesSource(Service):
     # -- applying (reactor thread) ---------------------------------------------
 
     def _apply_listing(self, listing: _Listing) -> None:
-        records = []
-        for item in listing.items:
-            try:
-                records.append(self._kind.to_record(item))
-            except MalformedObject as e:
-                self._skip("list item", item, e)
+        for skipped in listing.skipped:
+            self._skip(skipped)
         # Stats first: replace_all fires when_synced waiters synchronously.
         self.stats.lists += 1
         self.stats.resource_version = listing.resource_version
-        self._registry.replace_all(records)
+        self._registry.replace_all(listing.records)
         self._log.info(
             "{kind}: listed {count} objects at resourceVersion {version}",
             kind=self._kind.description,
-            count=len(records),
+            count=len(listing.records),
             version=listing.resource_version,
         )
 
-    def _apply_event(self, event_type: str, obj: Any) -> None:
-        """Apply one ADDED/MODIFIED/DELETED event (called via callFromThread)."""
-        self.stats.events[event_type] += 1
-        version = object_resource_version(obj)
-        if version is not None:
-            self.stats.resource_version = version
-        try:
-            key = object_key(obj)
-        except MalformedObject as e:
-            self._skip(f"{event_type} event", obj, e)
+    def _apply_change(self, change: _Change) -> None:
+        """Apply one converted watch event (called via callFromThread)."""
+        self.stats.events[change.event_type] += 1
+        if change.resource_version is not None:
+            self.stats.resource_version = change.resource_version
+        if change.skipped is not None:
+            self._skip(change.skipped)
+        if change.key is None:
             return
-        if event_type == "DELETED":
-            self._registry.remove(*key)
-            return
-        try:
-            record = self._kind.to_record(obj)
-        except MalformedObject as e:
-            self._skip(f"{event_type} event", obj, e)
-            # Whatever we knew about this object is stale now.
-            self._registry.remove(*key)
-            return
-        self._registry.upsert(record)
+        if change.record is None:
+            self._registry.remove(*change.key)
+        else:
+            self._registry.upsert(change.record)
 
     def _note_bookmark(self, resource_version: str) -> None:
         self.stats.events["BOOKMARK"] += 1
         self.stats.resource_version = resource_version
 
-    def _skip(self, what: str, obj: object, error: Exception) -> None:
+    def _skip(self, skipped: _Skipped) -> None:
         self.stats.skipped += 1
         self._log.warn(
             "{kind}: skipping malformed {what} ({object}): {error}",
             kind=self._kind.description,
-            what=what,
-            object=describe_object(obj),
-            error=str(error),
+            what=skipped.what,
+            object=skipped.obj,
+            error=skipped.error,
         )
 
     def _skip_line(self, reason: str) -> None:
@@ -572,7 +613,50 @@ class KubernetesSource(Service):
         version = object_resource_version(body)
         if version is None:
             raise ValueError("list response has no metadata.resourceVersion")
-        return _Listing(items, version)
+        del body
+        return self._convert_listing(items, version, stop)
+
+    # -- converting (watch thread; pure) ----------------------------------------
+
+    def _to_record(self, what: str, obj: Any) -> tuple[SandboxRecord | None, _Skipped | None]:
+        try:
+            return self._kind.to_record(obj), None
+        except MalformedObject as e:
+            return None, _Skipped(what, describe_object(obj), str(e))
+        except Exception as e:
+            # A converter bug must cost one object, not the whole watch.
+            return None, _Skipped(what, describe_object(obj), f"cannot convert: {e!r}"[:300])
+
+    def _convert_listing(
+        self, items: list[Any], resource_version: str, stop: threading.Event
+    ) -> _Listing:
+        records: list[SandboxRecord] = []
+        skipped: list[_Skipped] = []
+        for index, item in enumerate(items):
+            if index % 1024 == 1023 and stop.is_set():
+                # A huge list takes seconds to convert; do not hold up shutdown.
+                raise _Stopping()
+            record, problem = self._to_record("list item", item)
+            if record is not None:
+                records.append(record)
+            if problem is not None:
+                skipped.append(problem)
+        return _Listing(records, skipped, resource_version)
+
+    def _convert_event(self, event_type: str, obj: Any, version: str | None) -> _Change:
+        what = f"{event_type} event"
+        try:
+            key = object_key(obj)
+        except MalformedObject as e:
+            return _Change(
+                event_type, None, None, version, _Skipped(what, describe_object(obj), str(e))
+            )
+        if event_type == "DELETED":
+            return _Change(event_type, key, None, version)
+        # A record that cannot be converted is removed: whatever we knew
+        # about the object is stale now.
+        record, problem = self._to_record(what, obj)
+        return _Change(event_type, key, record, version, problem)
 
     def _watch_blocking(self, stop: threading.Event, resource_version: str) -> _WatchEnd:
         version = resource_version
@@ -634,7 +718,7 @@ class KubernetesSource(Service):
                 if object_version is not None:
                     version = object_version
                 events += 1
-                post(self._apply_event, event_type, obj)
+                post(self._apply_change, self._convert_event(event_type, obj, object_version))
         except Exception as e:
             if stop.is_set():
                 return _WatchEnd(_STOPPED, version, events)
@@ -659,18 +743,83 @@ def kind_for(config: IngressConfig) -> ResourceKind:
     raise ValueError(f"provider {config.provider_type!r} is not a Kubernetes provider")
 
 
+WATCH_TIMEOUT_ENV = "OPENSANDBOX_INGRESS_WATCH_TIMEOUT_S"
+REQUEST_TIMEOUT_ENV = "OPENSANDBOX_INGRESS_REQUEST_TIMEOUT_S"
+BACKOFF_BASE_ENV = "OPENSANDBOX_INGRESS_BACKOFF_BASE_S"
+BACKOFF_CAP_ENV = "OPENSANDBOX_INGRESS_BACKOFF_CAP_S"
+
+
+class EnvironmentConfigError(ConfigError):
+    """
+    A L{ConfigError} about an environment variable rather than a flag:
+    C{str(error)} starts with the variable's name instead of C{--flag}.
+    """
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(variable, problem)
+        self.args = (f"{variable}: {problem}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _env_seconds(text: str, variable: str, *, whole: bool) -> float:
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        kind = "a whole number of seconds" if whole else "a number of seconds"
+        raise EnvironmentConfigError(variable, f"{text!r} is not {kind}") from None
+    if not (value > 0 and math.isfinite(value)) or (whole and value < 1):
+        raise EnvironmentConfigError(variable, f"{text!r} must be a finite number > 0")
+    return value
+
+
+def watch_settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """
+    The L{KubernetesSource} timing keywords set by the environment knobs
+    described in this module's docstring; knobs left unset are left out.
+
+    @raise ConfigError: a knob is set to something unusable (one line
+        naming the variable).
+    """
+    settings: dict[str, Any] = {}
+    for variable, keyword, whole in (
+        (WATCH_TIMEOUT_ENV, "watch_timeout_s", True),
+        (REQUEST_TIMEOUT_ENV, "request_timeout_s", False),
+        (BACKOFF_BASE_ENV, "backoff_base_s", False),
+        (BACKOFF_CAP_ENV, "backoff_cap_s", False),
+    ):
+        text = environ.get(variable, "").strip()
+        if text:
+            settings[keyword] = _env_seconds(text, variable, whole=whole)
+    base = settings.get("backoff_base_s", BACKOFF_BASE_S)
+    cap = settings.get("backoff_cap_s", BACKOFF_CAP_S)
+    if cap < base:
+        variable = BACKOFF_CAP_ENV if "backoff_cap_s" in settings else BACKOFF_BASE_ENV
+        raise EnvironmentConfigError(
+            variable, f"backoff cap {cap:g}s is below the backoff base {base:g}s"
+        )
+    return settings
+
+
 def build_kubernetes_source(
-    config: IngressConfig, registry: SandboxRegistry, reactor: Any
+    config: IngressConfig,
+    registry: SandboxRegistry,
+    reactor: Any,
+    environ: Mapping[str, str] = os.environ,
 ) -> IService:
     """
     Build the source for C{--provider-type batchsandbox} or
     C{agent-sandbox}: C{--namespace} or C{--all-namespaces},
-    C{--kubeconfig}, C{--context}.
+    C{--kubeconfig}, C{--context}, and the environment knobs of this
+    module's docstring.
 
     The client configuration is loaded now, so a broken one stops start-up.
 
-    @raise ConfigError: the Kubernetes configuration is unusable.
+    @param environ: Where to read the knobs (tests pass their own).
+    @raise ConfigError: the Kubernetes configuration or a knob is unusable.
     """
+    settings = watch_settings_from_env(environ)
     api_client = load_api_client(config.kubeconfig, config.context)
     source = KubernetesSource(
         reactor,
@@ -678,6 +827,7 @@ def build_kubernetes_source(
         kind_for(config),
         None if config.all_namespaces else config.namespace,
         api_client,
+        **settings,
     )
     # Service is declared with @implementer(IService); say so to mypy,
     # which does not read zope declarations.
