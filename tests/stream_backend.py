@@ -3,6 +3,7 @@ A byte-level streaming backend, run as its own process by the memory tests
 (``python -m tests.stream_backend``): it prints its port on stdout, then
 
 - ``GET /download?size=N`` answers N bytes, written with a push producer;
+- ``GET /redirect`` answers 302 with ``Location: /login``;
 - ``GET /slow?ms=N`` answers ``slow`` after N milliseconds;
 - any request with a body is drained chunk by chunk (never stored) and
   answered with the number of body bytes received.
@@ -49,6 +50,12 @@ class StreamBackend(Protocol):
                     length = int(value)
             self.remaining_body = length
             target = request_line.split(b" ")[1]
+            if target.startswith(b"/redirect"):
+                self.transport.write(
+                    b"HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 0\r\n\r\n"
+                )
+                self.in_body = False
+                return
             if target.startswith(b"/slow"):
                 delay = int(target.split(b"ms=")[1]) / 1000
                 reactor.callLater(  # type: ignore[attr-defined]
