@@ -69,6 +69,8 @@ from ..errors import (
     IngressError,
     ShuttingDown,
     UpstreamTimeout,
+    WebSocketHandshakeInvalid,
+    WebSocketUpstreamRefused,
     WebSocketUpstreamUnreachable,
 )
 from .errors import render_error
@@ -131,45 +133,6 @@ _access_log = Logger(namespace="opensandbox_ingress.access")
 
 _SUPPORTED_VERSIONS = (b"13", b"8")
 _KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
-
-
-# -- errors ----------------------------------------------------------------------
-
-
-class WebSocketHandshakeInvalid(IngressError):
-    """The client's upgrade request is not a valid WebSocket handshake (400)."""
-
-    status = 400
-    code = "websocket_handshake_invalid"
-
-    def __init__(self, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        super().__init__(reason)
-        self._headers = headers
-
-    def extra_headers(self) -> list[tuple[bytes, bytes]]:
-        return list(self._headers)
-
-
-class WebSocketUpstreamRefused(IngressError):
-    """
-    The backend answered the upgrade with something other than 101.  The
-    client gets the backend's status when it is an error or a redirect,
-    502 otherwise (a 2xx answer to an upgrade is not a WebSocket endpoint).
-    """
-
-    status = 502
-    code = "upstream_refused"
-
-    def __init__(
-        self, reason: str, status: int, headers: tuple[tuple[bytes, bytes], ...] = ()
-    ) -> None:
-        super().__init__(reason)
-        # The status is the backend's, so it varies per instance.
-        self.status = status if 300 <= status <= 599 else 502  # type: ignore[misc]
-        self._headers = headers
-
-    def extra_headers(self) -> list[tuple[bytes, bytes]]:
-        return list(self._headers)
 
 
 # -- pure helpers ------------------------------------------------------------------
