@@ -154,11 +154,146 @@ def log_build_info(log: Logger) -> None:
     )
 
 
+class LogOutput:
+    """
+    Buffered line output shared by the log observer and the access log.
+
+    Writing a line per request straight to stdout costs a syscall (and a
+    flush) per request; here lines are appended to a buffer that is written
+    out every C{interval_s} seconds, when C{max_pending} bytes are waiting,
+    at reactor shutdown and at process exit.
+
+    Ownership: reactor thread (stdlib logging from other threads reaches
+    it through C{twisted.logger}, whose observers run in the emitting
+    thread: the buffer's list appends are atomic under the GIL, and a flush
+    swaps the list before writing).
+    """
+
+    def __init__(self, out: IO[str], interval_s: float = 0.1, max_pending: int = 65536) -> None:
+        self._out = out
+        self._interval = interval_s
+        self._max = max_pending
+        self._pending: list[str] = []
+        self._size = 0
+        self._call: Any = None
+        self._reactor: Any = None
+
+    def start(self, reactor: Any) -> None:
+        """Flush periodically on C{reactor}, and at its shutdown."""
+        import atexit
+
+        self._reactor = reactor
+        reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+        atexit.register(self.flush)
+
+    def write(self, text: str) -> None:
+        """Queue C{text} (one or more whole lines)."""
+        self._pending.append(text)
+        self._size += len(text)
+        if self._reactor is None or self._size >= self._max:
+            self.flush()
+        elif self._call is None:
+            self._call = self._reactor.callLater(self._interval, self._scheduled)
+
+    def _scheduled(self) -> None:
+        self._call = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write out everything queued."""
+        pending, self._pending = self._pending, []
+        self._size = 0
+        if pending:
+            try:
+                self._out.write("".join(pending))
+                self._out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def as_file(self) -> IO[str]:
+        """A file-like view whose C{flush} is left to the schedule."""
+        return _NoFlush(self)  # type: ignore[return-value]
+
+
+class _NoFlush:
+    """C{textFileLogObserver} flushes after every event; we flush on a schedule."""
+
+    def __init__(self, output: LogOutput) -> None:
+        self.write = output.write
+
+    def flush(self) -> None:
+        pass
+
+
+def _classic_time(t: float, cache: list[Any] = [None, ""]) -> str:  # noqa: B006
+    second = int(t)
+    if cache[0] != second:
+        cache[0] = second
+        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
+    return cache[1]  # type: ignore[no-any-return]
+
+
+class AccessLineWriter:
+    """
+    Writes access lines directly, in the same text or JSON shape as the log
+    observer, without building a C{twisted.logger} event per request.
+    """
+
+    def __init__(self, output: LogOutput, fmt: str) -> None:
+        self._output = output
+        self._json = fmt == "json"
+
+    def __call__(
+        self,
+        kind: str,
+        method: str,
+        sandbox: str,
+        port: int,
+        status: int,
+        nbytes: int,
+        duration_ms: float,
+        client: str,
+    ) -> None:
+        message = (
+            f"{kind} {method} sandbox={sandbox} port={port} status={status} "
+            f"bytes={nbytes} duration_ms={duration_ms} client={client}"
+        )
+        now = time.time()
+        if self._json:
+            self._output.write(
+                json.dumps(
+                    {
+                        "time": _rfc3339(now),
+                        "level": "info",
+                        "namespace": ACCESS_NAMESPACE,
+                        "message": message,
+                        "kind": kind,
+                        "method": method,
+                        "sandbox": sandbox,
+                        "port": port,
+                        "status": status,
+                        "bytes": nbytes,
+                        "duration_ms": duration_ms,
+                        "client": client,
+                    },
+                    separators=(",", ":"),
+                )
+                + "\n"
+            )
+        else:
+            self._output.write(f"{_classic_time(now)} [{ACCESS_NAMESPACE}#info] {message}\n")
+
+
+ACCESS_NAMESPACE = "opensandbox_ingress.access"
+
+
 class AccessLog:
     """
-    One line per finished request.  Cheap by construction: the event is a
-    format string plus fields, and C{twisted.logger} formats it only if an
-    observer wants it.  Never carries header values (tokens, cookies).
+    One line per finished request; never carries header values (tokens,
+    cookies).  By default the line is a C{twisted.logger} event (so an
+    embedding program's observers see it); the twistd plugin installs an
+    L{AccessLineWriter} as C{sink} instead, which skips building an event
+    per request (the access log was a third of the per-request CPU).
     """
 
     def __init__(
@@ -167,10 +302,13 @@ class AccessLog:
         clock: Callable[[], float] = time.monotonic,
         metrics: Any = None,
     ) -> None:
-        self._log = log or Logger(namespace="opensandbox_ingress.access")
+        self._log = log or Logger(namespace=ACCESS_NAMESPACE)
         self._clock = clock
         #: An L{IngressMetrics}, told about every finished request too.
         self._metrics = metrics
+        #: When set, called with the line's fields instead of logging an event;
+        #: C{False} turns the access log off (log level above info).
+        self.sink: Any = None
 
     def request(
         self,
@@ -190,6 +328,20 @@ class AccessLog:
         duration = self._clock() - started
         if self._metrics is not None:
             self._metrics.observe_request(kind, status, duration)
+        sink = self.sink
+        if sink is not None:
+            if sink:
+                sink(
+                    kind,
+                    method.decode("latin-1"),
+                    sandbox,
+                    port,
+                    status,
+                    nbytes,
+                    round(duration * 1000, 1),
+                    client,
+                )
+            return
         self._log.info(
             "{kind} {method} sandbox={sandbox} port={port} status={status} "
             "bytes={bytes} duration_ms={duration_ms} client={client}",

@@ -11,7 +11,12 @@ import sys
 from typing import Any
 
 from .config import ConfigError
-from .observability import bridge_stdlib_logging, make_log_observer
+from .observability import (
+    AccessLineWriter,
+    LogOutput,
+    bridge_stdlib_logging,
+    make_log_observer,
+)
 from .options import config_from_options
 from .service import IngressService, build_ingress
 
@@ -35,6 +40,16 @@ def make_service(options: Any) -> IngressService:
         from twisted.python.logfile import LogFile
 
         out = LogFile.fromFullPath(logfile)  # type: ignore[assignment]
-    service.log_observer = make_log_observer(config.log_level, config.log_format, out)
+    from twisted.internet import reactor
+
+    output = LogOutput(out)
+    output.start(reactor)
+    service.log_observer = make_log_observer(config.log_level, config.log_format, output.as_file())
+    access = service.core.access_log
+    access.sink = (
+        AccessLineWriter(output, config.log_format)
+        if config.log_level in ("debug", "info")
+        else False
+    )
     bridge_stdlib_logging(config.log_level)
     return service

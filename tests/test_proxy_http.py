@@ -456,9 +456,16 @@ async def test_client_disconnect_cancels_backend_request(
         % backend.port_number
     )
     await wait_until(lambda: backend.hanging, what="backend got the request")
-    client.transport.loseConnection()
-    await wait_until(lambda: backend.hang_lost, what="backend connection dropped")
-    await wait_until(lambda: ingress.core.active_requests == 0, what="exchange finished")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client.transport.loseConnection()
+        await wait_until(lambda: backend.hang_lost, what="backend connection dropped")
+        await wait_until(lambda: ingress.core.active_requests == 0, what="exchange finished")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    access = [e for e in events if e.get("log_namespace") == "opensandbox_ingress.access"]
+    assert [e["status"] for e in access] == [499]
 
 
 @pytest_twisted.ensureDeferred

@@ -52,6 +52,10 @@ from .site import IngressRequest
 if TYPE_CHECKING:
     from ..service import IngressCore
 
+#: Access-log status of a request whose client left before the response
+#: ended (nginx's convention; never sent on the wire).
+CLIENT_CLOSED = 499
+
 POWERED_BY = (b"Reverse-Proxy-Server-PowerBy", [b"OpenSandbox-ingress"])
 
 #: Headers never forwarded in either direction (RFC 9110 section 7.6.1),
@@ -574,7 +578,7 @@ class _Exchange:
             # The client went away: cancel the upstream side.
             self._done = True
             self._core.request_finished()
-            self._log_access()
+            self._log_access(CLIENT_CLOSED)
             self._stop_timer()
             if self._pending is not None:
                 self._pending.cancel()
@@ -589,14 +593,14 @@ class _Exchange:
         self._core.request_finished()
         self._log_access()
 
-    def _log_access(self) -> None:
+    def _log_access(self, status: int | None = None) -> None:
         request = self._request
         route = self._res.route
         self._core.access_log.request(
             request.method,
             route.sandbox_id,
             route.port,
-            request.code,
+            request.code if status is None else status,
             request.sentLength,
             self._started,
             client_ip(request),
