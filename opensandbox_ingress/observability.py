@@ -190,7 +190,9 @@ class LogOutput:
         """Queue C{text} (one or more whole lines)."""
         self._pending.append(text)
         self._size += len(text)
-        if self._reactor is None or self._size >= self._max:
+        # Before the reactor runs and once it has stopped (twistd then
+        # re-raises SIGTERM, so atexit never runs) every line goes out now.
+        if self._reactor is None or not self._reactor.running or self._size >= self._max:
             self.flush()
         elif self._call is None:
             self._call = self._reactor.callLater(self._interval, self._scheduled)

@@ -419,8 +419,13 @@ def test_gone_relists_and_drops_objects_deleted_meanwhile(
         r for r in fake.watch_requests() if r.at >= since and int(r.resource_version) < compacted
     ]
     assert resumed, "no watch resumed from the old version"
-    # A resumed watch told 410 lists again at once, without a backoff.
-    gone = [line for line in cluster.ingress.log().splitlines() if "restart (gone)" in line]
+    # A resumed watch told 410 lists again at once, without a backoff.  Log
+    # output is flushed every 100 ms, so wait for the line with a deadline.
+    def gone_lines() -> list[str]:
+        return [line for line in cluster.ingress.log().splitlines() if "restart (gone)" in line]
+
+    poll_until(gone_lines, time.monotonic() + 5, "the 410 restart log line")
+    gone = gone_lines()
     assert gone and not any("retrying in" in line for line in gone), gone
 
 
@@ -475,8 +480,12 @@ def test_api_errors_back_off_while_routing_serves_the_last_state(cluster: Cluste
     base, cap = float(FAST_ENV[BACKOFF_BASE_ENV]), float(FAST_ENV[BACKOFF_CAP_ENV])
     floors = [min(cap, base * 2**n) / 2 for n in range(1, failures)]
     assert all(gap >= floor for gap, floor in zip(gaps, floors, strict=True)), (gaps, floors)
-    assert "HTTP 500" in cluster.ingress.log()
-    assert "serving the last known state meanwhile" in cluster.ingress.log()
+    poll_until(
+        lambda: "HTTP 500" in cluster.ingress.log()
+        and "serving the last known state meanwhile" in cluster.ingress.log(),
+        time.monotonic() + 5,
+        "the backoff log lines",
+    )
 
 
 def test_stalled_stream_recovers_through_the_read_timeout(
@@ -514,7 +523,9 @@ def test_stalled_stream_recovers_through_the_read_timeout(
     expect_route(ingress, backend_port, "stall-b", 200, since=since, within=within)
     assert any(r.resource_version == last_seen for r in fake.watch_requests() if r.at > since)
     assert len(fake.list_requests()) == lists_before
-    assert "watch restart (dropped)" in ingress.log()
+    poll_until(
+        lambda: "watch restart (dropped)" in ingress.log(), time.monotonic() + 5, "the restart line"
+    )
 
 
 # -- readiness ----------------------------------------------------------------------------

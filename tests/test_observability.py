@@ -11,6 +11,8 @@ from opensandbox_ingress.observability import AccessLineWriter, AccessLog, LogOu
 
 
 class _Reactor(Clock):
+    running = True
+
     def __init__(self) -> None:
         super().__init__()
         self.triggers: list[object] = []
@@ -75,3 +77,14 @@ def test_access_log_sink_false_disables_lines_but_keeps_metrics() -> None:
     log.sink = False
     log.request(b"GET", "sbx", 80, 204, 0, 0.5, "127.0.0.1")
     assert seen == [("http", 204)]
+
+
+def test_output_writes_through_once_the_reactor_stopped() -> None:
+    """After the reactor stops (twistd then dies by signal, no atexit) lines go out at once."""
+    out = io.StringIO()
+    reactor = _Reactor()
+    output = LogOutput(out)
+    output.start(reactor)
+    reactor.running = False
+    output.write("Main loop terminated.\n")
+    assert out.getvalue() == "Main loop terminated.\n"
