@@ -3,6 +3,10 @@ What the twistd plugin does: options -> config -> service, with logging.
 
 Kept out of C{twisted/plugins/} so the plugin file stays a few lines and
 importing it (twistd scans every plugin for C{--help}) stays cheap.
+
+With C{--workers 1} (the default) the service is the ingress itself; with
+more, it is a L{opensandbox_ingress.workers.WorkerSupervisor} that binds the
+listeners and runs that many ingress processes on them.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .config import ConfigError
+from twisted.application.service import Service
+
+from .config import ConfigError, IngressConfig
 from .observability import (
     AccessLineWriter,
     LogOutput,
@@ -21,14 +27,21 @@ from .options import config_from_options
 from .service import IngressService, build_ingress
 
 
-def make_service(options: Any) -> IngressService:
+def make_service(options: Any) -> Service:
     """
-    Build the ingress for twistd.  A bad flag value prints one line naming
-    the flag to stderr and exits with status 2.
+    Build the ingress (or, with C{--workers} > 1, its supervisor) for twistd.
+    A bad flag value prints one line naming the flag to stderr and exits
+    with status 2.
     """
+    service: Any  # an IngressService or a WorkerSupervisor
     try:
         config = config_from_options(options)
-        service = build_ingress(config)
+        if config.workers > 1:
+            from .workers import WorkerSupervisor
+
+            service = WorkerSupervisor(config)
+        else:
+            service = build_ingress(config)
     except ConfigError as e:
         sys.stderr.write(f"opensandbox-ingress: {e}\n")
         sys.stderr.flush()
@@ -45,11 +58,22 @@ def make_service(options: Any) -> IngressService:
     output = LogOutput(out)
     output.start(reactor)
     service.log_observer = make_log_observer(config.log_level, config.log_format, output.as_file())
-    access = service.core.access_log
-    access.sink = (
+    if isinstance(service, IngressService):
+        install_access_log(service, config, output)
+    else:
+        # The supervisor relays its workers' (already formatted) lines here.
+        service.log_output = output
+    bridge_stdlib_logging(config.log_level)
+    return service
+
+
+def install_access_log(service: IngressService, config: IngressConfig, output: Any) -> None:
+    """
+    Write C{service}'s access lines straight to C{output} (a L{LogOutput}
+    or anything with its C{write}), or drop them above log level info.
+    """
+    service.core.access_log.sink = (
         AccessLineWriter(output, config.log_format)
         if config.log_level in ("debug", "info")
         else False
     )
-    bridge_stdlib_logging(config.log_level)
-    return service

@@ -9,10 +9,11 @@ C{Resource} tree for mounting under another program's C{Site}.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -98,6 +99,16 @@ class _Listeners(Service):
         self._factory = factory
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[Any] | None = None
+        #: (fileno, address family, description) of sockets to adopt
+        #: instead of listening on C{descriptions} (worker processes).
+        self._adopted: list[tuple[int, int, str]] = []
+
+    def adopt(self, fileno: int, family: int, description: str) -> None:
+        """
+        Serve the already-listening socket C{fileno} (closed once adopted)
+        instead of binding C{descriptions}; call before the service starts.
+        """
+        self._adopted.append((fileno, family, description))
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -110,13 +121,22 @@ class _Listeners(Service):
 
     def _listen(self) -> None:
         ds = []
-        for description in self._descriptions:
+        for fileno, family, description in self._adopted:
+            d = maybeDeferred(self._adopt_port, fileno, family)
+            d.addCallback(self._listened, description)
+            ds.append(d)
+        for description in () if self._adopted else self._descriptions:
             endpoint = serverFromString(self._reactor, description)
             d = endpoint.listen(self._factory)
             d.addCallback(self._listened, description)
             ds.append(d)
         self._listening = DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
         self._listening.addErrback(self._failed)
+
+    def _adopt_port(self, fileno: int, family: int) -> IListeningPort:
+        port: IListeningPort = self._reactor.adoptStreamPort(fileno, family, self._factory)
+        os.close(fileno)  # the port holds its own duplicate
+        return port
 
     def _listened(self, port: IListeningPort, description: str) -> IListeningPort:
         self.ports.append(port)
@@ -135,8 +155,12 @@ class _Listeners(Service):
         self._log.critical(
             "cannot listen: {error}", error=error.getErrorMessage()
         )
+        # A proxy that cannot listen is of no use: stop (under twistd, exit)
+        # rather than run on without a listener.
         if self._reactor.running:
             self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     def when_listening(self) -> Deferred[Any]:
         """Fires once every endpoint listens."""
@@ -224,8 +248,8 @@ class IngressService(MultiService):
         log_build_info(self._log)
         if self.config.workers > 1:
             self._log.warn(
-                "--workers {workers} is accepted but multi-process mode is not "
-                "built yet; running one process",
+                "workers={workers}: multi-process mode is run by the twistd plugin "
+                "(opensandbox_ingress.workers); this IngressService is one process",
                 workers=self.config.workers,
             )
         super().startService()

@@ -210,3 +210,22 @@ def test_gigabyte_download_and_upload_keep_rss_flat(tmp_path: Path) -> None:
         stop(backend)
     growth_mib = (peak - baseline) / 1024
     assert growth_mib < 64, f"peak RSS grew {growth_mib:.1f} MiB"
+
+
+def test_port_in_use_stops_the_process(tmp_path: Path) -> None:
+    """A listener that cannot bind stops the ingress with a clear log line instead of idling."""
+    sandboxes = tmp_path / "s.json"
+    sandboxes.write_text("[]")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = twistd(
+            ["--provider-type", "file", "--sandboxes-file", str(sandboxes),
+             "--listen", f"tcp:{port}:interface=127.0.0.1"]
+        )
+        try:
+            proc.wait(15)
+        finally:
+            out, _ = stop(proc)
+    assert b"cannot listen" in out
