@@ -58,7 +58,7 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -423,6 +423,14 @@ class _ClientHop(_Hop, WebSocketServerProtocol):  # type: ignore[misc]
 
 class _BackendHop(_Hop, WebSocketClientProtocol):  # type: ignore[misc]
     """The client protocol facing the backend."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn sets TCP_NODELAY before copying the factory's options, so
+        # the backend hop kept Nagle on: a keystroke behind an unacked frame
+        # waited ~40 ms for a delayed ACK.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         return self.session.backend_request()
