@@ -140,7 +140,10 @@ def test_built_wheel_logs_the_overridden_metadata(overridden_dist: Path, tmp_pat
     python = str(venv / "bin" / "python")
     env = _clean_env(PIP_DISABLE_PIP_VERSION_CHECK="1")
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        # --ignore-installed: the same version installed system-wide (as CI
+        # installs it) would otherwise count as "already satisfied".
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+         str(wheel)],
         check=True,
         capture_output=True,
         env=env,
