@@ -25,6 +25,7 @@ from .registry import SandboxRegistry
 from .renew import RenewIntentPublisher
 from .sources import build_source, name_candidates_for
 from .web.admin import AdminResource, AdminSite
+from .web.fast import FastIngressFactory
 from .web.health import IngressResource
 from .web.proxy import Proxy
 from .web.site import IngressSite
@@ -218,7 +219,9 @@ class IngressService(MultiService):
         self.source = build_source(config, self.core.registry, reactor)
         self.source.setServiceParent(self)
         self.core.renew.setServiceParent(self)
-        self.listeners = _Listeners(reactor, config.listen, self.site)
+        #: What the proxy listeners serve: the fast path, in front of C{site}.
+        self.factory = FastIngressFactory(self.core, self.site)
+        self.listeners = _Listeners(reactor, config.listen, self.factory)
         self.listeners.setServiceParent(self)
         self.admin_site = AdminSite(AdminResource(self.core))
         self.admin_listeners: _Listeners | None = None
@@ -274,18 +277,16 @@ class IngressService(MultiService):
         await self.listeners.stopService()
         # WebSockets never end by themselves: close them with 1001.
         core.websocket.close_all()
-        idle = core.when_idle()
-        timeout = self.reactor.callLater(self.config.shutdown_timeout_s, idle.cancel)
-        try:
-            await idle
-        except Exception:
+        deadline = self.reactor.seconds() + self.config.shutdown_timeout_s
+        if not await self._within(core.when_idle(), deadline):
             self._log.warn(
                 "shutdown timeout: cutting {active} requests",
                 active=core.active_requests,
             )
         else:
-            if timeout.active():
-                timeout.cancel()
+            # Finished responses may still sit in send buffers: close the
+            # connections and let them flush, within the same deadline.
+            await self._within(self.factory.close_connections(), deadline)
         await core.upstream.close()
         # The remaining children (source, publisher) stop in reverse order.
         Service.stopService(self)
@@ -295,6 +296,18 @@ class IngressService(MultiService):
             if s is not self.listeners and s.running
         ]
         await DeferredList([d for d in stops if isinstance(d, Deferred)])
+
+
+    async def _within(self, d: Deferred[None], deadline: float) -> bool:
+        """Wait for C{d} until C{deadline}; whether it fired in time."""
+        timeout = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), d.cancel)
+        try:
+            await d
+        except Exception:
+            return False
+        if timeout.active():
+            timeout.cancel()
+        return True
 
 
 def _export_state(core: IngressCore, source: Any) -> None:

@@ -137,6 +137,12 @@ class UpstreamClient:
         self._reactor = reactor
         self._connect_timeout = connect_timeout_s
         self.pool = SandboxConnectionPool(reactor)
+        # The fast path's pool (imported here: fast imports proxy, which
+        # this module must not depend on at import time).
+        from .fast import FastPool
+
+        #: The fast path's connections; retired generations are shared.
+        self.fast = FastPool(reactor, connect_timeout_s, self.pool._dead)
         self._agent = Agent(reactor, pool=self.pool)
         self._targets: dict[PoolKey, tuple[IStreamClientEndpoint, URI]] = {}
         self._target_keys: dict[str, list[PoolKey]] = {}
@@ -176,6 +182,7 @@ class UpstreamClient:
     def forget_generation(self, generation: str) -> None:
         """Drop pooled connections and cached endpoints of C{generation}."""
         self.pool.drop_generation(generation)
+        self.fast.drop_generation(generation)
         for key in self._target_keys.pop(generation, ()):
             self._targets.pop(key, None)
 
@@ -204,6 +211,11 @@ class UpstreamClient:
             path,
         )
 
+    def idle_connection_count(self) -> int:
+        """Idle pooled connections of both paths (for tests and metrics)."""
+        return self.pool.idle_connection_count() + self.fast.idle_connection_count()
+
     def close(self) -> Deferred[None]:
         """Close every pooled connection."""
+        self.fast.close()
         return self.pool.closeCachedConnections()

@@ -1,0 +1,1464 @@
+"""
+The proxy port's fast path: a lean HTTP/1.1 server and client for the
+requests that make up nearly all traffic, in front of C{twisted.web}.
+
+Why: C{twisted.web}'s server (C{HTTPChannel}, C{Request}, C{Headers}) and
+client (C{Agent}, C{HTTP11ClientProtocol}, Deferred chains) cost about
+300 microseconds of CPU per proxied request, several times what the bytes
+need.  L{FastChannel} parses a request head itself and, when the request is
+plain and routes to a ready sandbox it is allowed to reach, relays it over a
+pooled L{_Upstream} connection with nothing but byte strings in between.
+
+Everything else is handed to the C{twisted.web} stack unchanged
+(L{FastChannel._hand_off}): the bytes received so far are replayed into an
+L{IngressChannel} that owns the connection from then on.  That covers
+WebSocket upgrades, the health check, HTTP/1.0, chunked uploads,
+C{Expect}, every routing, lookup and authorisation error, sandboxes that
+are not ready (so C{--ready-wait} holds them), and anything malformed.  The
+decision is made before any side effect, so the slow path sees the request
+exactly as the client sent it; the two paths share routing, resolution,
+authorisation, header rules and error bodies.
+
+What the fast path does itself: header rewriting both ways (the rules of
+L{opensandbox_ingress.web.proxy}), streamed bodies in both directions with
+backpressure (a slow client pauses the backend read, a slow backend pauses
+the client's upload), chunked and close-delimited responses re-framed as
+chunked, the per-exchange idle timeout, keep-alive idle and header
+timeouts, upstream errors (502), a client that leaves (499, the backend
+connection is aborted), drain, pipelining.
+
+Ownership: reactor thread only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport, ITCPTransport
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, datetimeToString
+
+from .. import routing
+from ..errors import ERROR_HEADER, IngressError, UpstreamTimeout, UpstreamUnreachable
+from ..secure_access import SECURE_ACCESS_HEADER, check_access
+from .health import HEALTH_PATH
+from .proxy import (
+    _STRIP_REQUEST,
+    _STRIP_RESPONSE,
+    CLIENT_CLOSED,
+    POWERED_BY,
+    _describe,
+    rebase_location,
+)
+
+if TYPE_CHECKING:
+    from ..registry import SandboxRecord
+    from ..routing import Route
+    from ..service import IngressCore
+
+#: A request head longer than this goes to the slow path (which answers it).
+MAX_HEAD = 16384
+#: Pipelined bytes buffered while a response is in flight before the client
+#: is paused.
+PIPELINE_LIMIT = 65536
+#: A response head longer than this is a broken backend.
+MAX_RESPONSE_HEAD = 65536
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[!-~]*) HTTP/1\.1")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+_SECURE = SECURE_ACCESS_HEADER.lower()
+_INGRESS_TO = routing.INGRESS_TO_HEADER.lower()
+_LEGACY = routing.LEGACY_INGRESS_HEADER.lower()
+#: Request headers that send a request to the slow path.
+_SLOW_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"http2-settings"})
+_EMPTY_BODY_CL = frozenset({b"PUT", b"POST"})
+#: Methods retried once on a fresh connection when a pooled one turns out
+#: dead before answering (as Twisted's client does).
+_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
+_NO_BODY = frozenset({204, 304})
+
+#: Seconds an idle pooled connection is kept, and the most kept per key.
+POOLED_IDLE_S = 60.0
+MAX_IDLE_PER_KEY = 32
+
+_CONNECTION_DONE = Failure(ierror.ConnectionDone())
+
+_names: dict[bytes, bytes | None] = {}
+
+
+def _lower_name(name: bytes) -> bytes | None:
+    """C{name} lower-cased if it is a valid header name, else None (cached)."""
+    low = _names.get(name, False)
+    if low is False:
+        low = name.lower() if _TOKEN.fullmatch(name) else None
+        if len(_names) < 4096:
+            _names[name] = low
+    return low  # type: ignore[return-value]
+
+
+_date: list[Any] = [0, b""]
+
+
+def _http_date(now: float) -> bytes:
+    second = int(now)
+    if _date[0] != second:
+        _date[0] = second
+        _date[1] = datetimeToString(second)
+    return _date[1]  # type: ignore[no-any-return]
+
+
+class _Head:
+    """A parsed request head (only what the fast path needs)."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "headers",
+        "length",
+        "close",
+        "listed",
+        "host",
+        "ingress_to",
+        "legacy",
+        "secure",
+        "xff",
+        "has_xfp",
+        "has_xfh",
+    )
+
+    def __init__(self, method: bytes, target: bytes) -> None:
+        self.method = method
+        self.target = target
+        #: (name as sent, lower-cased name, value)
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.length = 0
+        self.close = False
+        self.listed: frozenset[bytes] = frozenset()
+        self.host: bytes | None = None
+        self.ingress_to: bytes | None = None
+        self.legacy: bytes | None = None
+        self.secure: list[bytes] | None = None
+        self.xff: list[bytes] | None = None
+        self.has_xfp = False
+        self.has_xfh = False
+
+
+def parse_head(head: bytes) -> _Head | None:
+    """
+    Parse a request head (without its final blank line) the fast path can
+    serve; None sends it to the slow path, which answers anything unusual.
+    """
+    lines = head.split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        return None
+    req = _Head(m.group(1), m.group(2))
+    headers = req.headers
+    length: bytes | None = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        low = _lower_name(name) if sep else None
+        if low is None or b"\n" in line or b"\r" in line:
+            return None
+        value = value.strip(b" \t")
+        headers.append((name, low, value))
+        if low in _SLOW_HEADERS:
+            return None
+        if low == b"host":
+            if req.host is not None:
+                return None
+            req.host = value
+        elif low == b"content-length":
+            if length is not None and value != length:
+                return None
+            length = value
+        elif low == b"connection":
+            tokens = frozenset(t.strip().lower() for t in value.split(b","))
+            req.listed = req.listed | tokens
+            if b"close" in tokens:
+                req.close = True
+        elif low == _INGRESS_TO:
+            if req.ingress_to is None:
+                req.ingress_to = value
+        elif low == _LEGACY:
+            if req.legacy is None:
+                req.legacy = value
+        elif low == _SECURE:
+            if req.secure is None:
+                req.secure = []
+            req.secure.append(value)
+        elif low == b"x-forwarded-for":
+            if req.xff is None:
+                req.xff = []
+            req.xff.append(value)
+        elif low == b"x-forwarded-proto":
+            req.has_xfp = True
+        elif low == b"x-forwarded-host":
+            req.has_xfh = True
+    if length is not None:
+        if not _DIGITS.fullmatch(length):
+            return None
+        req.length = int(length)
+    return req
+
+
+class FastIngressFactory(Factory):
+    """
+    The proxy listeners' factory: L{FastChannel}s, each able to hand its
+    connection to C{site} (the C{twisted.web} stack).
+    """
+
+    noisy = False
+
+    def __init__(self, core: IngressCore, site: Any) -> None:
+        self.core = core
+        self.site = site
+        self.idle_timeout: float | None = core.config.idle_timeout_s or None
+        self.header_timeout: float | None = core.config.header_timeout_s or None
+        #: Connections served by the fast path (not handed off), open.
+        self.channels: set[FastChannel] = set()
+        self._gone: list[Deferred[None]] = []
+
+    def channel_gone(self, channel: FastChannel) -> None:
+        """C{channel} closed or was handed to C{twisted.web}."""
+        self.channels.discard(channel)
+        if not self.channels and self._gone:
+            waiters, self._gone = self._gone, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_connections(self) -> Deferred[None]:
+        """
+        Drain: close the fast path's connections once their response (if
+        any) is written; fires when all are gone.  Cancel to stop waiting.
+        """
+        for channel in list(self.channels):
+            channel.close_when_idle()
+        if not self.channels:
+            return succeed(None)
+        d: Deferred[None] = Deferred(lambda d: self._gone.remove(d) if d in self._gone else None)
+        self._gone.append(d)
+        return d
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr: Any) -> FastChannel:
+        channel = FastChannel(self, addr)
+        self.channels.add(channel)
+        return channel
+
+
+class FastChannel(Protocol):
+    """
+    One client connection.  Serves plain requests itself, one at a time
+    (pipelined requests wait in a bounded buffer), and hands the
+    connection to C{twisted.web} at the first request it does not serve.
+    """
+
+    def __init__(self, factory: FastIngressFactory, addr: Any) -> None:
+        self._factory = factory
+        self._core = factory.core
+        self._addr = addr
+        self._buf = b""
+        self._delegate: Any = None
+        self._exchange: _Exchange | None = None
+        #: Bytes of the current request's body still to come.
+        self._upload_left = 0
+        self._paused = False
+        self._closing = False
+        self._timer: IDelayedCall | None = None
+        #: When the connection went idle (no exchange), for the idle timeout.
+        self._idle_since: float | None = None
+        #: When the pending request head started arriving.
+        self._head_since: float | None = None
+        self.client = "-"
+        self.secure = False
+
+    # -- connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        peer = transport.getPeer()
+        self.client = getattr(peer, "host", None) or str(peer)
+        self.secure = ISSLTransport.providedBy(transport)
+        self._idle_since = time.monotonic()
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._delegate is not None:
+            self._delegate.dataReceived(data)
+            return
+        if self._closing:
+            return
+        if self._idle_since is not None:
+            self._idle_since = time.monotonic()
+        if self._upload_left:
+            n = self._upload_left
+            if len(data) <= n:
+                piece, data = data, b""
+            else:
+                piece, data = data[:n], data[n:]
+            self._upload_left = n - len(piece)
+            exchange = self._exchange
+            if exchange is not None:
+                exchange.upload(piece, self._upload_left == 0)
+            if not data:
+                return
+        self._buf = self._buf + data if self._buf else data
+        if self._exchange is None:
+            self._next_request()
+        elif len(self._buf) > PIPELINE_LIMIT:
+            self._update_reading()
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        if self._delegate is not None:
+            self._delegate.connectionLost(reason)
+            return
+        self._closing = True
+        self._cancel_timer()
+        self._factory.channel_gone(self)
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.client_lost()
+
+    # -- requests ------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD or b"\n\n" in buf:
+                self._hand_off()
+            elif buf and self._head_since is None:
+                self._head_since = time.monotonic()
+                self._arm()
+            return
+        started = time.monotonic()
+        head = parse_head(buf[:end])
+        if head is None:
+            self._hand_off()
+            return
+        target = head.target
+        if target.startswith(HEALTH_PATH) and target[len(HEALTH_PATH) : len(HEALTH_PATH) + 1] in (
+            b"",
+            b"?",
+        ):
+            self._hand_off()
+            return
+        resolved = self._resolve(head)
+        if resolved is None:
+            self._hand_off()
+            return
+        route, record = resolved
+        self._buf = buf[end + 4 :]
+        self._head_since = None
+        self._idle_since = None
+        persistent = not head.close and not self._core.draining
+        exchange = _Exchange(self, head, route, record, started, persistent)
+        self._exchange = exchange
+        self._upload_left = head.length
+        if head.length and self._buf:
+            body, self._buf = self._buf[: head.length], self._buf[head.length :]
+            self._upload_left -= len(body)
+            exchange.pending.append(body)
+        exchange.start()
+        self._update_reading()
+
+    def _resolve(self, head: _Head) -> tuple[Route, SandboxRecord] | None:
+        """Route, look up and authorise; None for anything not plainly OK."""
+        core = self._core
+        try:
+            if core.proxy._uri_mode:
+                route = routing.parse_uri_route(head.target)
+            else:
+                route = routing.parse_header_route(
+                    head.ingress_to, head.legacy, head.host, head.target
+                )
+            record = core.registry.lookup(route.sandbox_id)
+            route = route.for_sandbox(record.secure_access_token is not None)
+            check_access(
+                record.secure_access_token,
+                head.secure,
+                core.proxy._keys,
+                route.sandbox_id,
+                route.port,
+                route.signed,
+                time.time(),
+            )
+        except IngressError:
+            return None
+        if not (record.ready and record.endpoint):
+            return None
+        return route, record
+
+    def _hand_off(self) -> None:
+        """Give the connection (and the bytes read so far) to C{twisted.web}."""
+        self._cancel_timer()
+        self._factory.channel_gone(self)
+        transport = self.transport
+        assert transport is not None
+        channel = self._factory.site.buildProtocol(self._addr)
+        self._delegate = channel
+        if self._paused:
+            self._paused = False
+            transport.resumeProducing()  # type: ignore[attr-defined]
+        if getattr(transport, "protocol", None) is self:
+            # Plain TCP and unix connections: later reads skip this object.
+            transport.protocol = channel  # type: ignore[attr-defined]
+        channel.makeConnection(transport)
+        data, self._buf = self._buf, b""
+        if data:
+            channel.dataReceived(data)
+
+    def exchange_done(self, persistent: bool) -> None:
+        """The current response is complete."""
+        self._exchange = None
+        if not persistent or self._core.draining:
+            # Also when the response beat the upload: the rest of the
+            # upload cannot be framed for another request.
+            self._close()
+            return
+        self._idle_since = time.monotonic()
+        self._update_reading()
+        if self._buf:
+            self._next_request()
+        if self._exchange is None and self._delegate is None:
+            self._arm()
+
+    def close_when_idle(self) -> None:
+        """Drain: close now if no response is in flight, else after it."""
+        if self._exchange is None and self._delegate is None:
+            self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Cut the client connection (a truncated response)."""
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- flow control ----------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        exchange = self._exchange
+        want = len(self._buf) > PIPELINE_LIMIT or (
+            exchange is not None and self._upload_left > 0 and exchange.upload_blocked()
+        )
+        if want != self._paused and self.transport is not None and not self._closing:
+            self._paused = want
+            if want:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            else:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    update_reading = _update_reading
+
+    # -- timers ------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        factory = self._factory
+        deadline = None
+        if self._idle_since is not None and factory.idle_timeout:
+            deadline = self._idle_since + factory.idle_timeout
+        if self._head_since is not None and factory.header_timeout:
+            head = self._head_since + factory.header_timeout
+            deadline = head if deadline is None else min(deadline, head)
+        return deadline
+
+    def _arm(self) -> None:
+        deadline = self._deadline()
+        if deadline is None:
+            return
+        delay = max(0.0, deadline - time.monotonic())
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self._core.reactor.callLater(delay, self._expired)
+        elif timer.getTime() - self._core.reactor.seconds() > delay + 0.001:
+            timer.reset(delay)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._delegate is not None or self._closing:
+            return
+        deadline = self._deadline()
+        if deadline is None:
+            return
+        if time.monotonic() >= deadline:
+            # Idle keep-alive or a head that takes too long (slowloris).
+            self.abort() if self._head_since is not None else self._close()
+        else:
+            self._arm()
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def note_activity(self) -> None:
+        """Bytes moved on an idle connection (resets the idle timeout)."""
+        if self._idle_since is not None:
+            self._idle_since = time.monotonic()
+
+
+class _Exchange:
+    """
+    One request relayed to a backend and its response relayed back.
+
+    The idle timeout (C{--idle-timeout}) counts from the last byte moved in
+    either direction: before the response head it answers 502
+    C{upstream_timeout}; after it both connections are cut.
+    """
+
+    __slots__ = (
+        "channel",
+        "core",
+        "head",
+        "route",
+        "record",
+        "endpoint",
+        "started",
+        "persistent",
+        "pending",
+        "upstream",
+        "upload_done",
+        "_upload_paused",
+        "_connector",
+        "_reused",
+        "_retried",
+        "_responded",
+        "_chunked",
+        "_sent",
+        "_status",
+        "_done",
+        "_timer",
+        "_last",
+        "_timed_out",
+        "_producer",
+    )
+
+    def __init__(
+        self,
+        channel: FastChannel,
+        head: _Head,
+        route: Route,
+        record: SandboxRecord,
+        started: float,
+        persistent: bool,
+    ) -> None:
+        self.channel = channel
+        self.core = channel._core
+        self.head = head
+        self.route = route
+        self.record = record
+        self.endpoint: str = record.endpoint  # type: ignore[assignment]
+        self.started = started
+        self.persistent = persistent
+        #: Body bytes received before the upstream connection was ready.
+        self.pending: list[bytes] = []
+        self.upstream: _Upstream | None = None
+        self.upload_done = head.length == 0
+        self._upload_paused = False
+        self._connector: Any = None
+        self._reused = False
+        self._retried = False
+        self._responded = False
+        self._chunked = False
+        self._sent = 0
+        self._status = 0
+        self._done = False
+        self._timer: IDelayedCall | None = None
+        self._last = started
+        self._timed_out = False
+        self._producer: _ReadUpstream | None = None
+
+    # -- start ----------------------------------------------------------------
+
+    def start(self) -> None:
+        core = self.core
+        route = self.route
+        core.renew.offer(
+            route.sandbox_id,
+            route.port,
+            route.path.decode("latin-1") if core.proxy._uri_mode else "",
+        )
+        core.request_started()
+        idle = self.channel._factory.idle_timeout
+        if idle:
+            self._timer = core.reactor.callLater(idle, self._idle_check)
+        record = self.record
+        key = (record.generation or record.name, self.endpoint, route.port)
+        core.upstream.fast.acquire(key, self)
+
+    def request_bytes(self) -> bytes:
+        """The request head for the backend."""
+        head = self.head
+        route = self.route
+        endpoint = self.endpoint
+        listed = head.listed
+        lines = [head.method, b" ", route.path, b" HTTP/1.1\r\n"]
+        if head.length:
+            lines.append(b"Content-Length: %d\r\n" % head.length)
+        elif head.method in _EMPTY_BODY_CL:
+            lines.append(b"Content-Length: 0\r\n")
+        strip = _STRIP_REQUEST
+        for name, low, value in head.headers:
+            if low in strip or low in listed:
+                continue
+            lines += (name, b": ", value, b"\r\n")
+        if ":" in endpoint:
+            lines.append(b"Host: [%s]:%d\r\n" % (endpoint.encode("ascii"), route.port))
+        else:
+            lines.append(b"Host: %s:%d\r\n" % (endpoint.encode("idna"), route.port))
+        ip = self.channel.client.encode("ascii", "replace")
+        if head.xff:
+            lines += (b"X-Forwarded-For: ", b", ".join(head.xff), b", ", ip, b"\r\n")
+        else:
+            lines += (b"X-Forwarded-For: ", ip, b"\r\n")
+        if not head.has_xfp:
+            lines.append(
+                b"X-Forwarded-Proto: https\r\n"
+                if self.channel.secure
+                else b"X-Forwarded-Proto: http\r\n"
+            )
+        if not head.has_xfh and head.host is not None:
+            lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
+        if route.prefix:
+            lines += (b"X-Forwarded-Prefix: ", route.prefix, b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def connecting(self, connector: Any) -> None:
+        """The pool is dialling; C{connector} can cancel it."""
+        self._connector = connector
+
+    def attached(self, upstream: _Upstream, reused: bool) -> None:
+        """An upstream connection is ours: send the request."""
+        self._connector = None
+        if self._done:
+            upstream.release(False)
+            return
+        self.upstream = upstream
+        self._reused = reused
+        self._last = time.monotonic()
+        transport = upstream.transport
+        assert transport is not None
+        pending, self.pending = self.pending, []
+        transport.write(self.request_bytes() + b"".join(pending) if pending else self.request_bytes())
+        if not self.upload_done and self.channel._upload_left == 0:
+            self.upload_done = True
+        if not self.upload_done:
+            transport.registerProducer(_UploadControl(self), True)  # type: ignore[attr-defined]
+        self.channel.update_reading()
+
+    def connect_failed(self, failure: Failure) -> None:
+        """The backend could not be reached."""
+        self._connector = None
+        if self._done:
+            return
+        self._fail_before_head(failure)
+
+    # -- upload ---------------------------------------------------------------
+
+    def upload(self, data: bytes, last: bool) -> None:
+        """Body bytes from the client."""
+        self._last = time.monotonic()
+        if last:
+            self.upload_done = True
+        upstream = self.upstream
+        if upstream is None or self._done:
+            if not self._done:
+                self.pending.append(data)
+            return
+        transport = upstream.transport
+        assert transport is not None
+        transport.write(data)
+        if last:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+            self._upload_paused = False
+
+    def upload_blocked(self) -> bool:
+        """Whether the client's upload must wait (no backend yet, or it is slow)."""
+        return self.upstream is None or self._upload_paused
+
+    def set_upload_paused(self, paused: bool) -> None:
+        self._upload_paused = paused
+        self.channel.update_reading()
+
+    # -- response -------------------------------------------------------------
+
+    def response_head(
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        listed: frozenset[bytes],
+        length: int | None,
+        bodyless: bool,
+    ) -> None:
+        """The backend's response head: write ours to the client."""
+        self._last = time.monotonic()
+        self._responded = True
+        self._status = code
+        channel = self.channel
+        head_only = self.head.method == b"HEAD"
+        lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase or RESPONSES.get(code, b"Unknown Status"))]
+        if not self.persistent:
+            lines.append(b"Connection: close\r\n")
+        strip = _STRIP_RESPONSE
+        prefix = self.route.prefix
+        dated = False
+        for name, value in headers:
+            low = name.lower()
+            if low in strip or low in listed:
+                continue
+            if low == b"date":
+                dated = True
+            elif prefix and low == b"location":
+                value = rebase_location(value, prefix)
+            lines += (name, b": ", value, b"\r\n")
+        if not dated:
+            lines += (b"Date: ", _http_date(time.time()), b"\r\n")
+        if head_only or code in _NO_BODY:
+            pass
+        elif length is not None and not bodyless:
+            lines.append(b"Content-Length: %d\r\n" % length)
+        else:
+            self._chunked = True
+        lines += (POWERED_BY[0], b": ", POWERED_BY[1][0], b"\r\n")
+        if self._chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        transport = channel.transport
+        assert transport is not None
+        transport.write(b"".join(lines))
+        upstream = self.upstream
+        if not bodyless and upstream is not None:
+            self._producer = _ReadUpstream(upstream)
+            transport.registerProducer(self._producer, True)  # type: ignore[attr-defined]
+
+    def response_data(self, data: bytes) -> None:
+        """Response body bytes from the backend."""
+        if self._done:
+            return
+        self._last = time.monotonic()
+        self._sent += len(data)
+        transport = self.channel.transport
+        assert transport is not None
+        if self._chunked:
+            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    def response_end(self, reusable: bool) -> None:
+        """The backend's response is complete."""
+        upstream, self.upstream = self.upstream, None
+        if self._done:
+            if upstream is not None:
+                upstream.release(False)
+            return
+        self._unregister()
+        transport = self.channel.transport
+        if self._chunked and transport is not None:
+            transport.write(b"0\r\n\r\n")
+        if upstream is not None:
+            upstream.release(reusable and self.upload_done)
+        if not self.upload_done:
+            # The rest of the upload cannot be framed for another request.
+            self.persistent = False
+        self._finish(self._status)
+
+    def upstream_lost(self, failure: Failure, responded: bool) -> None:
+        """The backend connection broke before the exchange completed."""
+        self.upstream = None
+        if self._done:
+            return
+        if not responded:
+            if (
+                self._reused
+                and not self._retried
+                and self.head.length == 0
+                and self.head.method in _RETRYABLE
+            ):
+                # A pooled connection the backend had closed: once more on
+                # a fresh one.
+                self._retried = True
+                self.core.upstream.fast.connect(self._key(), self)
+                return
+            self._fail_before_head(failure)
+            return
+        # The backend stopped mid-response: end the client's connection
+        # after what arrived, so it sees a response shorter than its
+        # framing promised rather than a clean end.
+        self._unregister()
+        self.core.metrics.upstream_error("timeout" if self._timed_out else "reset")
+        self.persistent = False
+        self._finish(self._status)
+
+    def _key(self) -> tuple[str, str, int]:
+        return (self.record.generation or self.record.name, self.endpoint, self.route.port)
+
+    def _fail_before_head(self, failure: Failure | None) -> None:
+        target = f"{self.endpoint}:{self.route.port}"
+        error: IngressError
+        if self._timed_out or (failure is not None and failure.check(ierror.TimeoutError)):
+            error = UpstreamTimeout(f"upstream {target} timed out")
+            self.core.metrics.upstream_error("timeout")
+        else:
+            self.core.metrics.upstream_error("connect")
+            assert failure is not None
+            error = UpstreamUnreachable(f"upstream {target} unreachable: {_describe(failure)}")
+        if self._responded:
+            self.channel.abort()
+        else:
+            self._responded = True
+            body = error.body()
+            self._sent = len(body)
+            lines = [b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b""))]
+            if not self.persistent:
+                lines.append(b"Connection: close\r\n")
+            lines += (
+                b"Date: ",
+                _http_date(time.time()),
+                b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+                % len(body),
+                ERROR_HEADER,
+                b": ",
+                error.code.encode("ascii"),
+                b"\r\n",
+            )
+            for name, value in error.extra_headers():
+                lines += (name, b": ", value, b"\r\n")
+            lines += (b"\r\n", body)
+            transport = self.channel.transport
+            assert transport is not None
+            transport.write(b"".join(lines))
+        if not self.upload_done:
+            self.persistent = False
+        self._finish(error.status)
+
+    # -- client ---------------------------------------------------------------
+
+    def client_lost(self) -> None:
+        """The client went away: abandon the backend side."""
+        if self._done:
+            return
+        self._done = True
+        self._stop_timer()
+        if self._connector is not None:
+            connector, self._connector = self._connector, None
+            connector.cancel()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.release(False)
+        self.core.request_finished()
+        self._log(CLIENT_CLOSED)
+
+    # -- timers ---------------------------------------------------------------
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        idle = self.channel._factory.idle_timeout
+        assert idle is not None
+        left = self._last + idle - time.monotonic()
+        if left > 0:
+            self._timer = self.core.reactor.callLater(left, self._idle_check)
+            return
+        self._timed_out = True
+        if not self._responded:
+            if self._connector is not None:
+                connector, self._connector = self._connector, None
+                connector.cancel()
+            upstream, self.upstream = self.upstream, None
+            if upstream is not None:
+                upstream.release(False)
+            self._fail_before_head(None)
+        else:
+            upstream, self.upstream = self.upstream, None
+            self._unregister()
+            if upstream is not None:
+                upstream.release(False)
+            self.core.metrics.upstream_error("timeout")
+            self.channel.abort()
+            self._finish(self._status)
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # -- the end --------------------------------------------------------------
+
+    def _unregister(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.detach()
+            transport = self.channel.transport
+            if transport is not None:
+                transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def _finish(self, status: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._stop_timer()
+        self.core.request_finished()
+        self._log(status)
+        self.channel.exchange_done(self.persistent)
+
+    def _log(self, status: int) -> None:
+        route = self.route
+        self.core.access_log.request(
+            self.head.method,
+            route.sandbox_id,
+            route.port,
+            status,
+            0 if self.head.method == b"HEAD" else self._sent,
+            self.started,
+            self.channel.client,
+        )
+
+
+class _UploadControl:
+    """
+    Registered on the upstream transport while an upload flows: a full
+    send buffer toward the backend pauses reading from the client.
+    """
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self._exchange.set_upload_paused(True)
+
+    def resumeProducing(self) -> None:
+        self._exchange.set_upload_paused(False)
+
+    def stopProducing(self) -> None:
+        # The upstream connection went away; _Upstream.connectionLost says so.
+        pass
+
+
+class _ReadUpstream:
+    """
+    Registered on the client transport while a response body flows: a
+    full send buffer toward the client pauses reading from the backend.
+    """
+
+    __slots__ = ("_upstream", "_paused")
+
+    def __init__(self, upstream: _Upstream) -> None:
+        self._upstream: _Upstream | None = upstream
+        self._paused = False
+
+    def pauseProducing(self) -> None:
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None and not self._paused:
+            self._paused = True
+            upstream.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None and self._paused:
+            self._paused = False
+            upstream.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        # The client went away; FastChannel.connectionLost says so.
+        pass
+
+    def detach(self) -> None:
+        """The exchange ended: leave the backend connection readable."""
+        self.resumeProducing()
+        self._upstream = None
+
+
+# Response parser states.
+_IDLE, _HEAD_STATE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE = range(
+    8
+)
+
+
+class _Upstream(Protocol):
+    """
+    One connection to a backend: writes requests, parses responses and
+    feeds them to its current L{_Exchange}.  Pooled between exchanges.
+    """
+
+    def __init__(
+        self, pool: FastPool, key: tuple[str, str, int], dial: _UpstreamFactory | None = None
+    ) -> None:
+        self.pool = pool
+        self.key = key
+        self._dial = dial
+        self.exchange: _Exchange | None = None
+        self.idle_since = 0.0
+        self._state = _IDLE
+        self._buf = b""
+        self._left = 0
+        self._reusable = True
+        self._responded = False
+        self._connected = False
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        # A request head and a small body are separate writes; Nagle plus a
+        # delayed ACK would hold the second for tens of milliseconds.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        dial, self._dial = self._dial, None
+        exchange = dial.exchange if dial is not None else None
+        if dial is not None:
+            dial.exchange = None
+        if exchange is not None:
+            self.attach(exchange, False)
+        elif self.transport is not None:
+            # Its exchange was cancelled while dialling.
+            self._connected = False
+            self.transport.loseConnection()
+
+    def attach(self, exchange: _Exchange, reused: bool) -> None:
+        """Serve C{exchange} next."""
+        self.exchange = exchange
+        self._state = _HEAD_STATE
+        self._buf = b""
+        self._reusable = True
+        self._responded = False
+        exchange.attached(self, reused)
+
+    def release(self, reusable: bool) -> None:
+        """The exchange is over with this connection."""
+        self.exchange = None
+        self._state = _IDLE
+        if reusable and self._reusable and self.transport is not None and self._connected:
+            self.pool.put(self)
+        elif self.transport is not None:
+            self._connected = False
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._connected = False
+        self.pool.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        if self._state == _UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
+            self._state = _IDLE
+            exchange.response_end(False)
+            return
+        exchange.upstream_lost(reason, self._responded)
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes nobody asked for: this connection cannot be trusted.
+            self._reusable = False
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        state = self._state
+        if state == _LENGTH:
+            left = self._left
+            if len(data) <= left:
+                self._left = left - len(data)
+                exchange.response_data(data)
+                if self._left == 0:
+                    self._end()
+                return
+            self._reusable = False
+            exchange.response_data(data[:left])
+            self._left = 0
+            self._end()
+            return
+        if state == _UNTIL_CLOSE:
+            exchange.response_data(data)
+            return
+        if state == _HEAD_STATE:
+            self._head(data)
+            return
+        if state == _IDLE:
+            return
+        self._chunks(data)
+
+    def _fail(self, why: str) -> None:
+        self._reusable = False
+        exchange, self.exchange = self.exchange, None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        if exchange is not None:
+            exchange.upstream_lost(Failure(ierror.ConnectionLost(why)), self._responded)
+
+    def _head(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    self._fail("response head too long")
+                else:
+                    self._buf = buf
+                return
+            lines = buf[:end].split(b"\r\n")
+            rest = buf[end + 4 :]
+            status = lines[0].split(b" ", 2)
+            if len(status) < 2 or status[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
+                self._fail("invalid status line")
+                return
+            try:
+                code = int(status[1])
+            except ValueError:
+                code = 0
+            if not 100 <= code <= 999 or len(status[1]) != 3:
+                self._fail("invalid status line")
+                return
+            if 100 <= code < 200:
+                if code == 101:
+                    self._fail("unexpected protocol switch")
+                    return
+                buf = rest  # interim response: wait for the final one
+                continue
+            break
+        headers: list[tuple[bytes, bytes]] = []
+        length: int | None = None
+        chunked = False
+        listed: frozenset[bytes] = frozenset()
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[-1:] in (b" ", b"\t"):
+                self._fail("invalid response header")
+                return
+            value = value.strip(b" \t")
+            headers.append((name, value))
+            low = name.lower()
+            if low == b"content-length":
+                if not _DIGITS.fullmatch(value) or (length is not None and int(value) != length):
+                    self._fail("invalid Content-Length")
+                    return
+                length = int(value)
+            elif low == b"transfer-encoding":
+                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+                if not chunked:
+                    self._reusable = False
+            elif low == b"connection":
+                tokens = frozenset(t.strip().lower() for t in value.split(b","))
+                listed = listed | tokens
+                if b"close" in tokens:
+                    self._reusable = False
+        if status[0] == b"HTTP/1.0" and b"keep-alive" not in listed:
+            self._reusable = False
+        exchange = self.exchange
+        assert exchange is not None
+        self._responded = True
+        bodyless = exchange.head.method == b"HEAD" or code in _NO_BODY
+        if chunked:
+            length = None
+        exchange.response_head(
+            code, status[2] if len(status) > 2 else b"", headers, listed, length, bodyless
+        )
+        if self.exchange is not exchange:
+            return
+        if bodyless:
+            self._reusable = self._reusable and not rest
+            self._end()
+            return
+        if chunked:
+            self._state = _CHUNK_SIZE
+            self._buf = b""
+            if rest:
+                self._chunks(rest)
+        elif length is not None:
+            self._state = _LENGTH
+            self._left = length
+            self._buf = b""
+            if length == 0:
+                self._reusable = self._reusable and not rest
+                self._end()
+            elif rest:
+                self.dataReceived(rest)
+        else:
+            self._state = _UNTIL_CLOSE
+            self._reusable = False
+            self._buf = b""
+            if rest:
+                exchange.response_data(rest)
+
+    def _chunks(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        pos = 0
+        n = len(buf)
+        out: list[bytes] = []
+        state = self._state
+        done = False
+        while pos < n:
+            if state == _CHUNK_DATA:
+                take = min(self._left, n - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self._left -= take
+                if self._left == 0:
+                    state = _CHUNK_CRLF
+            elif state == _CHUNK_SIZE:
+                i = buf.find(b"\r\n", pos)
+                if i < 0:
+                    if n - pos > 4096:
+                        self._fail("invalid chunk size")
+                        return
+                    break
+                size = buf[pos:i].split(b";", 1)[0].strip(b" \t")
+                if not _HEX.fullmatch(size):
+                    self._fail("invalid chunk size")
+                    return
+                pos = i + 2
+                self._left = int(size, 16)
+                state = _CHUNK_DATA if self._left else _TRAILER
+            elif state == _CHUNK_CRLF:
+                if n - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    self._fail("invalid chunk framing")
+                    return
+                pos += 2
+                state = _CHUNK_SIZE
+            else:  # _TRAILER: skip trailer fields up to the blank line
+                i = buf.find(b"\r\n", pos)
+                if i < 0:
+                    if n - pos > MAX_RESPONSE_HEAD:
+                        self._fail("trailers too long")
+                        return
+                    break
+                if i == pos:
+                    pos += 2
+                    done = True
+                    break
+                pos = i + 2
+        self._state = state
+        if pos < n and not done:
+            self._buf = buf[pos:]
+        exchange = self.exchange
+        if out and exchange is not None:
+            exchange.response_data(out[0] if len(out) == 1 else b"".join(out))
+        if done and self.exchange is exchange:
+            if pos < n:
+                self._reusable = False
+            self._end()
+
+    def _end(self) -> None:
+        exchange = self.exchange
+        self._state = _IDLE
+        if exchange is not None:
+            exchange.response_end(self._reusable)
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: FastPool, key: tuple[str, str, int], exchange: _Exchange) -> None:
+        self.pool = pool
+        self.key = key
+        self.exchange: _Exchange | None = exchange
+
+    def buildProtocol(self, addr: Any) -> _Upstream:
+        return _Upstream(self.pool, self.key, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.connect_failed(reason)
+
+
+class _TCPDial:
+    """A pending C{connectTCP} with the interface the exchange cancels by."""
+
+    __slots__ = ("connector", "factory")
+
+    def __init__(self, connector: Any, factory: _UpstreamFactory) -> None:
+        self.connector = connector
+        self.factory = factory
+
+    def cancel(self) -> None:
+        self.factory.exchange = None
+        try:
+            self.connector.stopConnecting()
+        except ierror.NotConnectingError:
+            # Connected, not attached yet: the connection closes itself.
+            pass
+
+
+class _EndpointDial:
+    """A pending endpoint connect (host names, IPv6)."""
+
+    __slots__ = ("deferred", "factory")
+
+    def __init__(self, deferred: Any, factory: _UpstreamFactory) -> None:
+        self.deferred = deferred
+        self.factory = factory
+
+    def cancel(self) -> None:
+        self.factory.exchange = None
+        self.deferred.cancel()
+
+
+class FastPool:
+    """
+    Idle backend connections by (sandbox generation, host, port).
+
+    Pod addresses are recycled, so a connection is only reused for the
+    same incarnation of the same sandbox; L{drop_generation} closes a
+    changed or vanished sandbox's idle connections and keeps its busy ones
+    out of the pool.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout_s: float, dead: Any) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout_s
+        #: Retired generations (shared with the C{twisted.web} pool).
+        self._dead = dead
+        self._idle: dict[tuple[str, str, int], list[_Upstream]] = {}
+        self._keys_by_generation: dict[str, set[tuple[str, str, int]]] = {}
+        self._families: dict[str, int] = {}
+        self._sweeper: LoopingCall | None = None
+        self._clock: Callable[[], float] = time.monotonic
+
+    def acquire(self, key: tuple[str, str, int], exchange: _Exchange) -> None:
+        """Attach an idle connection of C{key} to C{exchange}, or dial one."""
+        conns = self._idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if conn._connected:
+                conn.attach(exchange, True)
+                return
+        self.connect(key, exchange)
+
+    def connect(self, key: tuple[str, str, int], exchange: _Exchange) -> None:
+        """Dial a new connection for C{exchange}."""
+        _generation, host, port = key
+        family = self._families.get(host)
+        if family is None:
+            try:
+                family = ipaddress.ip_address(host).version
+            except ValueError:
+                family = 0
+            if len(self._families) < 65536:
+                self._families[host] = family
+        factory = _UpstreamFactory(self, key, exchange)
+        if family == 4:
+            connector = self._reactor.connectTCP(host, port, factory, timeout=self._timeout)
+            exchange.connecting(_TCPDial(connector, factory))
+            return
+        endpoint: Any
+        if family == 6:
+            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+        d = endpoint.connect(factory)
+        exchange.connecting(_EndpointDial(d, factory))
+
+        def failed(failure: Failure) -> None:
+            live = factory.exchange
+            factory.exchange = None
+            if live is not None:
+                live.connect_failed(failure)
+
+        # Success needs nothing here: the protocol attaches itself.
+        d.addErrback(failed)
+
+    def put(self, conn: _Upstream) -> None:
+        """Keep C{conn} for the next exchange of its key."""
+        key = conn.key
+        generation = key[0]
+        conns = self._idle.setdefault(key, [])
+        if generation in self._dead or len(conns) >= MAX_IDLE_PER_KEY:
+            conn._connected = False
+            if conn.transport is not None:
+                conn.transport.loseConnection()
+            return
+        conn.idle_since = self._clock()
+        conns.append(conn)
+        self._keys_by_generation.setdefault(generation, set()).add(key)
+        if self._sweeper is None:
+            self._sweeper = LoopingCall(self._sweep)
+            self._sweeper.clock = self._reactor
+            self._sweeper.start(POOLED_IDLE_S / 4, now=False)
+
+    def discard(self, conn: _Upstream) -> None:
+        """C{conn} closed: forget it if it was idle."""
+        conns = self._idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def _sweep(self) -> None:
+        cutoff = self._clock() - POOLED_IDLE_S
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for conn in conns:
+                if conn.idle_since < cutoff:
+                    conn._connected = False
+                    if conn.transport is not None:
+                        conn.transport.loseConnection()
+                else:
+                    keep.append(conn)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+                keys = self._keys_by_generation.get(key[0])
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._keys_by_generation[key[0]]
+        if not self._idle and self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+
+    def drop_generation(self, generation: str) -> None:
+        """Close the idle connections of C{generation}."""
+        for key in self._keys_by_generation.pop(generation, ()):
+            for conn in self._idle.pop(key, []):
+                conn._connected = False
+                if conn.transport is not None:
+                    conn.transport.loseConnection()
+
+    def idle_connection_count(self) -> int:
+        """How many idle connections the pool holds."""
+        return sum(len(c) for c in self._idle.values())
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+        idle, self._idle = self._idle, {}
+        self._keys_by_generation.clear()
+        for conns in idle.values():
+            for conn in conns:
+                conn._connected = False
+                if conn.transport is not None:
+                    conn.transport.loseConnection()
