@@ -65,13 +65,19 @@ class IngressMetrics:
             self.upstream_errors.labels(reason)
         self._state = _StateCollector()
         self.registry.register(self._state)
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, kind: str, status: int, duration_s: float) -> None:
         """Count one finished request or WebSocket session."""
-        self.requests.labels(
-            self._mode, kind, _STATUS_CLASS.get(status // 100, "other")
-        ).inc()
-        self.duration.labels(kind).observe(duration_s)
+        # labels() takes a lock and builds a key per call: cache the children.
+        children = self._children.get((kind, status // 100))
+        if children is None:
+            children = self._children[(kind, status // 100)] = (
+                self.requests.labels(self._mode, kind, _STATUS_CLASS.get(status // 100, "other")),
+                self.duration.labels(kind),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def upstream_error(self, reason: str) -> None:
         """Count an upstream failure (C{connect}, C{timeout} or C{reset})."""

@@ -34,6 +34,7 @@ def make_service(options: Any) -> Service:
     with status 2.
     """
     service: Any  # an IngressService or a WorkerSupervisor
+    raise_open_files_limit()
     try:
         config = config_from_options(options)
         if config.workers > 1:
@@ -65,6 +66,30 @@ def make_service(options: Any) -> Service:
         service.log_output = output
     bridge_stdlib_logging(config.log_level)
     return service
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """
+    Raise the soft limit on open files to the hard limit: every client
+    connection and every backend connection is a descriptor, and the usual
+    soft default (1024) caps an ingress at a few hundred sessions.  Returns
+    the (old, new) soft limits, or None when nothing changed.
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        # Linux refuses an infinite soft limit for files; stay generous.
+        hard = max(soft, 1 << 20)
+    if soft >= hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    except (ValueError, OSError):
+        return None
+    return soft, hard
 
 
 def install_access_log(service: IngressService, config: IngressConfig, output: Any) -> None:

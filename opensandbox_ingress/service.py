@@ -283,6 +283,9 @@ class IngressService(MultiService):
                 "shutdown timeout: cutting {active} requests",
                 active=core.active_requests,
             )
+            # Cut them now: left to the reactor's shutdown, a request could
+            # instead be answered 502 as its backend connection closes.
+            self.factory.abort_connections()
         else:
             # Finished responses may still sit in send buffers: close the
             # connections and let them flush, within the same deadline.
