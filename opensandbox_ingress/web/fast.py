@@ -345,6 +345,9 @@ class FastChannel(Protocol):
             # Writes go out as they are made (see _send); Nagle would hold
             # a second small segment behind a delayed ACK.
             transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            # Fewer, larger reads for uploads (also the write-buffer size
+            # past which a slow client pauses the backend).
+            transport.bufferSize = 1 << 18  # type: ignore[attr-defined]
         self._idle_since = time.monotonic()
         self._arm()
 
@@ -1087,6 +1090,9 @@ class _Upstream(Protocol):
         # delayed ACK would hold the second for tens of milliseconds.
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+            # Fewer, larger reads for big responses (also the write-buffer
+            # size past which a slow backend pauses the client's upload).
+            self.transport.bufferSize = 1 << 18  # type: ignore[union-attr]
         dial, self._dial = self._dial, None
         exchange = dial.exchange if dial is not None else None
         if dial is not None:
