@@ -1092,7 +1092,7 @@ class _Upstream(Protocol):
             self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
             # Fewer, larger reads for big responses (also the write-buffer
             # size past which a slow backend pauses the client's upload).
-            self.transport.bufferSize = 1 << 18  # type: ignore[union-attr]
+            self.transport.bufferSize = 1 << 18  # type: ignore[union-attr,attr-defined]
         dial, self._dial = self._dial, None
         exchange = dial.exchange if dial is not None else None
         if dial is not None:
