@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from ._compat import DATACLASS_SLOTS
 from .errors import (
     RegistryNotSynced,
     SandboxAmbiguous,
@@ -28,7 +29,7 @@ from .errors import (
 MAX_READY_WAITERS = 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **DATACLASS_SLOTS)
 class SandboxRecord:
     """
     What the ingress knows about one sandbox resource.

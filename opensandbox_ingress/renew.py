@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -86,9 +86,9 @@ def format_observed_at(observed_at: datetime | float) -> str:
         if observed_at.tzinfo is None:
             dt = observed_at
         else:
-            dt = observed_at.astimezone(UTC).replace(tzinfo=None)
+            dt = observed_at.astimezone(timezone.utc).replace(tzinfo=None)
     else:
-        dt = datetime.fromtimestamp(observed_at, UTC).replace(tzinfo=None)
+        dt = datetime.fromtimestamp(observed_at, timezone.utc).replace(tzinfo=None)
     # isoformat pads the year to four digits (strftime's %Y does not on
     # glibc) and, with timespec, always writes the fraction.
     return dt.isoformat(timespec="microseconds") + "Z"

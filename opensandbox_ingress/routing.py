@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ._compat import DATACLASS_SLOTS
 from .errors import RouteInvalid
 from .secure_access import SignedPart, is_expires_b36, is_signature
 
@@ -22,7 +23,7 @@ LEGACY_INGRESS_HEADER = b"OPEN-SANDBOX-INGRESS"
 _MAX_PORT_DIGITS = 5
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **DATACLASS_SLOTS)
 class Route:
     """
     A parsed route.

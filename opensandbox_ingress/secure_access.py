@@ -16,6 +16,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ._compat import DATACLASS_SLOTS
 from .errors import (
     AccessExpired,
     SignatureInvalid,
@@ -32,7 +33,7 @@ _SIGNATURE_RE = re.compile(r"[0-9a-f]{8}[0-9a-z]")
 _UINT64_MAX = 2**64 - 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **DATACLASS_SLOTS)
 class SignedPart:
     """The signed segments of a route, as they appeared in it."""
 
