@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
 import pytest
@@ -49,7 +49,7 @@ KEY = "opensandbox:renew:intent"
 
 def test_payload_is_exact() -> None:
     """The payload is compact JSON with keys in the server's order."""
-    observed = datetime(2026, 11, 28, 17, 5, 9, 123456, tzinfo=UTC)
+    observed = datetime(2026, 11, 28, 17, 5, 9, 123456, tzinfo=timezone.utc)
     assert intent_payload("sbx-7f3a9c", observed, 8080, "/api/users") == (
         b'{"sandbox_id":"sbx-7f3a9c","observed_at":"2026-11-28T17:05:09.123456Z",'
         b'"port":8080,"request_uri":"/api/users"}'
@@ -85,13 +85,13 @@ def test_payload_omits_zero_port_and_empty_uri(port: int, uri: str, keys: list[s
     [
         (0.0, "1970-01-01T00:00:00.000000Z"),
         (1.5, "1970-01-01T00:00:01.500000Z"),
-        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "2026-01-02T03:04:05.000000Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "2026-01-02T03:04:05.000000Z"),
         (
             datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=timezone(timedelta(hours=2))),
             "2026-01-02T01:04:05.000007Z",
         ),
         (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05.000000Z"),
-        (datetime(5, 1, 2, tzinfo=UTC), "0005-01-02T00:00:00.000000Z"),
+        (datetime(5, 1, 2, tzinfo=timezone.utc), "0005-01-02T00:00:00.000000Z"),
     ],
 )
 def test_observed_at_is_rfc3339_utc_with_fraction(observed: datetime | float, text: str) -> None:
@@ -109,7 +109,7 @@ def test_payload_is_ascii_whatever_the_input() -> None:
 @given(
     sandbox_id=st.text(min_size=1),
     observed=st.datetimes(
-        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(timezone.utc)
     ),
     port=st.integers(0, 65535),
     uri=st.text(),
@@ -120,7 +120,7 @@ def test_payload_round_trips(sandbox_id: str, observed: datetime, port: int, uri
     assert doc.pop("sandbox_id") == sandbox_id
     stamp = doc.pop("observed_at")
     assert RFC3339_UTC_FRACTION.fullmatch(stamp)
-    assert datetime.fromisoformat(stamp) == observed
+    assert datetime.fromisoformat(stamp.replace("Z", "+00:00")) == observed
     assert doc.pop("port", 0) == port
     assert doc.pop("request_uri", "") == uri
     assert doc == {}
@@ -306,7 +306,7 @@ async def test_intents_land_newest_first(redis_server: RedisServer) -> None:  # 
         ("sb-1", 8080, "/api/users"),
     ]
     for intent in intents:
-        stamp = datetime.fromisoformat(intent["observed_at"]).timestamp()
+        stamp = datetime.fromisoformat(intent["observed_at"].replace("Z", "+00:00")).timestamp()
         assert before - 1 <= stamp <= after + 1
     assert publisher.stats.as_dict() == {
         "offered": 4,

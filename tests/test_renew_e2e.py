@@ -121,7 +121,7 @@ def stamp(intent: dict[str, Any]) -> float:
     """An intent's C{observed_at} as Unix seconds, after checking its format."""
     text = intent["observed_at"]
     assert OBSERVED_AT.fullmatch(text), text
-    parsed = datetime.fromisoformat(text)
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     assert parsed.utcoffset() == timedelta(0)
     return parsed.timestamp()
 
@@ -367,7 +367,7 @@ async def test_long_websocket_session_keeps_renewing(
             "sandbox_id": "sbx", "observed_at": intent["observed_at"], "port": port, **expected
         }
     times = sorted(stamp(i) for i in found)
-    assert all(b - a >= interval - 0.001 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= interval - 0.001 for a, b in zip(times, times[1:]))
     assert times[-1] - times[0] >= 2 * interval - 0.002
 
 
