@@ -5,8 +5,12 @@ PyPy 3.9 (Debian's C{pypy3}).
 
 from __future__ import annotations
 
+import platform
 import sys
 from typing import Any
+
+#: Running on PyPy (whose GC treats large byte strings differently).
+PYPY = platform.python_implementation() == "PyPy"
 
 #: Keyword arguments for C{@dataclass} giving slotted records where the
 #: interpreter supports it (3.10+); on 3.9 the records have a C{__dict__}.
