@@ -298,7 +298,7 @@ class _Hop:
 
     session: _Session
     #: The other hop; None until both are connected.
-    peer: Any = None
+    partner: Any = None
     #: True for the client-facing hop.
     upstream_bound = False
     #: A close waiting for the frame being relayed to this peer to end.
@@ -306,19 +306,19 @@ class _Hop:
     _linger: Any = None  # IDelayedCall
 
     def onMessageBegin(self, isBinary: bool) -> None:
-        peer = self.peer
+        peer = self.partner
         if peer is not None:
             peer.beginMessage(isBinary)
 
     def onMessageFrameBegin(self, length: int) -> None:
         self.session.frame_relayed(self.upstream_bound)
-        peer = self.peer
+        peer = self.partner
         if peer is not None:
             peer.beginMessageFrame(length)
 
     def onMessageFrameData(self, payload: bytes) -> None:
         self.session.count(self.upstream_bound, len(payload))
-        peer = self.peer
+        peer = self.partner
         if peer is not None:
             peer.sendMessageFrameData(payload)
 
@@ -329,13 +329,13 @@ class _Hop:
             self._flush_peer_close()
 
     def onMessageEnd(self) -> None:
-        peer = self.peer
+        peer = self.partner
         if peer is not None:
             peer.endMessage()
             self._flush_peer_close()
 
     def _flush_peer_close(self) -> None:
-        peer = self.peer
+        peer = self.partner
         if peer is not None and peer.pending_close is not None:
             # The frame this peer was being sent is complete: the close
             # that waited for it can go now.
@@ -664,8 +664,8 @@ class _Session:
             client.dropConnection(abort=False)
             return
         self.state = _OPEN
-        client.peer = backend
-        backend.peer = client
+        client.partner = backend
+        backend.partner = client
         # A full client send buffer pauses reading from the backend, and
         # the other way round (twisted/protocols/portforward.py).
         client_transport: Any = client.transport
@@ -755,7 +755,7 @@ class _Session:
         relay.core.request_finished()
         for hop in (self.client, self.backend):
             if hop is not None:
-                hop.peer = None
+                hop.partner = None
         _access_log.info(
             "ws GET sandbox={sandbox} port={port} status=101 "
             "bytes_in={bytes_in} bytes_out={bytes_out} frames_in={frames_in} "
