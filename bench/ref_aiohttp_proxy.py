@@ -25,7 +25,6 @@ HOP_BY_HOP = frozenset(
         "transfer-encoding",
         "upgrade",
         "host",
-        "content-length",
     }
 )
 
@@ -33,19 +32,28 @@ HOP_BY_HOP = frozenset(
 def make_app(backend: str) -> web.Application:
     """The proxy application forwarding every path to C{backend}."""
     app = web.Application()
+    # A closure rather than app["session"]: string app keys warn on new aiohttp.
+    sessions: list[ClientSession] = []
 
     async def start(app: web.Application) -> None:
-        app["session"] = ClientSession(
-            connector=TCPConnector(limit=0, limit_per_host=0), auto_decompress=False
+        # limit=0: no cap on pooled keep-alive connections, like the Go reference.
+        sessions.append(
+            ClientSession(
+                connector=TCPConnector(limit=0, limit_per_host=0),
+                auto_decompress=False,
+                # Forward the client's headers as they are, adding none.
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            )
         )
 
     async def stop(app: web.Application) -> None:
-        await app["session"].close()
+        await sessions[0].close()
 
     async def proxy(request: web.Request) -> web.StreamResponse:
+        # Content-Length passes through so an upload stays un-chunked upstream.
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         body = request.content if request.can_read_body else None
-        async with app["session"].request(
+        async with sessions[0].request(
             request.method,
             backend + request.rel_url.path_qs,
             headers=headers,
@@ -55,9 +63,12 @@ def make_app(backend: str) -> web.Application:
             response = web.StreamResponse(
                 status=upstream.status,
                 headers={
-                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
+                    k: v
+                    for k, v in upstream.headers.items()
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
                 },
             )
+            # Set through the property: StreamResponse then skips chunking.
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
