@@ -28,6 +28,8 @@ CANNED = {
     b"/garbage": b"NOT HTTP AT ALL\r\n\r\n",
     b"/truncated": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello",
     b"/close": b"HTTP/1.1 200 OK\r\n\r\nuntil-close",
+    # What a backend answers to HEAD for a 1234-byte resource.
+    b"/head": b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
 }
 #: Paths after which the backend closes the connection.
 CLOSES = {b"/truncated", b"/close"}
@@ -255,3 +257,25 @@ async def test_pipelined_flood_pauses_the_client(
 def _unsent(client: RawClient) -> int:
     transport: Any = client.transport
     return int(transport._tempDataLen) + len(transport.dataBuffer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_keeps_the_content_length_on_both_paths(
+    ingress: IngressService, canned: CannedBackend
+) -> None:
+    """HEAD answers carry the backend's Content-Length, no body, and the connection goes on."""
+    port = canned.port.getHost().port
+    head = f"HEAD /head HTTP/1.1\r\nHost: x\r\nOpenSandbox-Ingress-To: sbx-{port}\r\n\r\n"
+    client = await _client(ingress)
+    for _path in ("fast", "twisted.web"):
+        client.transport.write(head.encode() + _get("/cl", canned))
+        await wait_until(lambda: client.received.endswith(b"hello"), what="HEAD then GET")
+        first, _, rest = bytes(client.received).partition(b"\r\n\r\n")
+        assert b"Content-Length: 1234" in first
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+        client.received.clear()
+        # The second round goes through twisted.web: hand the connection over.
+        client.transport.write(b"GET /status.ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: client.received.endswith(b"OK"), what="health check")
+        client.received.clear()
+    client.transport.loseConnection()

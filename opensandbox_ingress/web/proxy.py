@@ -520,9 +520,11 @@ class _Exchange:
         if listed:
             strip = strip | listed
         prefix = self._res.route.prefix
+        head = request.method == b"HEAD"
         for name, values in response.headers.getAllRawHeaders():
             lowered = name.lower()
-            if lowered in strip:
+            if lowered in strip and not (head and lowered == b"content-length"):
+                # (HEAD's Content-Length is the length a GET would have.)
                 continue
             if prefix and lowered == b"location":
                 values = [rebase_location(v, prefix) for v in values]
