@@ -717,7 +717,7 @@ async def test_websocket_client_library_with_keepalive_upgrade(
             data = ws.recv()
             return ws.subprotocol, ws.getheaders().get("set-cookie"), text, data
         finally:
-            ws.close(status=3001, reason="done")
+            ws.close(status=3001, reason=b"done")
 
     subprotocol, cookies, text, data = await threads.deferToThreadPool(
         reactor, reactor.getThreadPool(), run
