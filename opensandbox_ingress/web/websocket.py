@@ -71,6 +71,7 @@ from zope.interface import implementer
 
 from ..errors import (
     IngressError,
+    SandboxNotFound,
     ShuttingDown,
     UpstreamTimeout,
     WebSocketHandshakeInvalid,
@@ -81,6 +82,7 @@ from .errors import render_error
 from .proxy import HOP_BY_HOP, POWERED_BY, Resolution, client_ip, forward_request_headers
 
 if TYPE_CHECKING:
+    from ..registry import SandboxRecord
     from ..service import IngressCore
 
 #: Seconds the backend gets to answer the upgrade once TCP is connected,
@@ -136,6 +138,9 @@ _REFUSAL_HEADERS = (b"location", b"www-authenticate", b"retry-after")
 #: The access log's namespace (see L{AccessLog}); a module-level logger,
 #: because a C{Logger} class attribute would name the class instead.
 _access_log = Logger(namespace="opensandbox_ingress.access")
+
+#: Operational messages (sessions ended by a sandbox change).
+_log = Logger(namespace="opensandbox_ingress.websocket")
 
 _SUPPORTED_VERSIONS = (b"13", b"8")
 _KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
@@ -230,6 +235,28 @@ def returned_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, list[str]]
             continue
         out.setdefault(name.decode("latin-1"), []).append(_text(value))
     return out
+
+
+def session_end_reason(
+    session_record: SandboxRecord, new: SandboxRecord | None
+) -> tuple[str, str] | None:
+    """
+    Why a session opened to C{session_record} must end now that the
+    registry holds C{new} for that sandbox (None: it is gone), as (metric
+    label, close reason), or None when it may go on.  Status updates
+    (readiness, a new resourceVersion) leave sessions alone: the backend
+    connection itself says when the pod goes.
+    """
+    name = session_record.name
+    if new is None:
+        return ("removed", f"sandbox {name} was removed")
+    if new.incarnation != session_record.incarnation:
+        return ("recreated", f"sandbox {name} was recreated")
+    if new.endpoint != session_record.endpoint:
+        return ("moved", f"sandbox {name} moved to another endpoint")
+    if new.secure_access_token != session_record.secure_access_token:
+        return ("token_changed", f"sandbox {name} changed its access token")
+    return None
 
 
 def _text(value: bytes) -> str:
@@ -617,6 +644,8 @@ class _Session:
         self.relay = relay
         self.request: Request | None = request
         route = resolution.route
+        #: The sandbox as it was when the session was routed.
+        self.record = resolution.record
         self.sandbox_id = route.sandbox_id
         self.port = route.port
         self.endpoint = resolution.endpoint
@@ -825,10 +854,14 @@ class _Session:
         if other is not None:
             other.send_close(code, reason or None)
 
-    def close(self, code: int, reason: str) -> None:
-        """Close the session from the ingress side (drain)."""
+    def close(self, code: int, reason: str, refusal: IngressError | None = None) -> None:
+        """
+        Close the session from the ingress side: open hops get a close
+        frame with C{code} and C{reason}; a session still dialing answers
+        the client C{refusal} (default: shutting down, for a drain).
+        """
         if self.state == _DIALING:
-            self.refuse(ShuttingDown("ingress is shutting down"))
+            self.refuse(refusal or ShuttingDown("ingress is shutting down"))
             return
         if self.state == _FINISHED:
             return
@@ -987,6 +1020,8 @@ class WebSocketRelay:
         self.server_factory.setProtocolOptions(webStatus=False, **common)
         #: Sessions from dial to last close.
         self.sessions: set[_Session] = set()
+        #: Sessions ended because their sandbox changed, by what changed.
+        self.ended_by_sandbox: dict[str, int] = {}
 
     def handle(self, request: Request, resolution: Resolution) -> None:
         """Relay one resolved upgrade request (the proxy's hook)."""
@@ -1028,6 +1063,32 @@ class WebSocketRelay:
         for session in list(self.sessions):
             session.close(code, reason)
 
+    def sandbox_changed(self, old: SandboxRecord, new: SandboxRecord | None) -> None:
+        """
+        A registry change (its change listener): end the sessions of a
+        sandbox that went away, was recreated, moved or changed its access
+        token, with 1001 on both hops and a reason naming it.  A session
+        still dialing answers its client 404 (gone) or 503 (changed).
+        """
+        for session in [s for s in self.sessions if s.record.key == old.key]:
+            ending = session_end_reason(session.record, new)
+            if ending is None:
+                continue
+            kind, reason = ending
+            self.ended_by_sandbox[kind] = self.ended_by_sandbox.get(kind, 0) + 1
+            _log.info(
+                "closing WebSocket session to {sandbox} port {port}: {reason}",
+                sandbox=session.sandbox_id,
+                port=session.port,
+                reason=reason,
+            )
+            refusal: IngressError = (
+                SandboxNotFound(reason)
+                if new is None
+                else WebSocketUpstreamUnreachable(f"{reason} while connecting")
+            )
+            session.close(GOING_AWAY, reason, refusal)
+
 
 __all__ = [
     "CLOSE_HANDSHAKE_TIMEOUT_S",
@@ -1039,5 +1100,6 @@ __all__ = [
     "check_client_handshake",
     "parse_response_head",
     "returned_headers",
+    "session_end_reason",
     "subprotocol_offers",
 ]
