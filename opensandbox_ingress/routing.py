@@ -64,6 +64,12 @@ class Route:
 
 
 def _port(text: str, strict: bool) -> int | None:
+    """
+    A port segment: 1..65535 in ASCII digits.  C{strict} also refuses
+    leading zeros, as every port of a signed route and of a URI path must
+    (upstream C{signature.ParsePortSegment}); only the unsigned header/Host
+    token accepts C{08080}, as upstream's C{strconv.Atoi} fallback does.
+    """
     if not text.isascii() or not text.isdigit() or len(text) > _MAX_PORT_DIGITS:
         return None
     if strict and text[0] == "0":
@@ -128,13 +134,18 @@ def parse_token(token: str, path: bytes) -> Route:
     C{{id}-{port}-{expires_b36}-{signature}}) into a route forwarding
     C{path} unchanged.
 
+    The signed reading needs four or more segments whose last three are a
+    port without leading zeros, an expiry and a signature, and a non-empty
+    id; anything else is read unsigned (C{sb-08080-0-abcdef12k} has the
+    port C{abcdef12k}, so it is refused).
+
     @raise RouteInvalid: empty id, missing or invalid port.
     """
     segments = token.split("-")
     if len(segments) >= 4 and is_signature(segments[-1]) and is_expires_b36(
         segments[-2]
     ):
-        port = _port(segments[-3], strict=False)
+        port = _port(segments[-3], strict=True)
         sandbox_id = "-".join(segments[:-3])
         if port is not None and sandbox_id:
             return Route(

@@ -115,6 +115,11 @@ def test_parse_token_unsigned(token: str, sandbox_id: str, port: int) -> None:
         "sb-abc-x2qxvk-614adedea",
         # Signed-looking with an empty id.
         "-8080-x2qxvk-614adedea",
+        # A signed port never has leading zeros: read unsigned, whose port
+        # is then the signature (upstream TestParseRouteToken_LeadingZeroPort).
+        "sb-08080-0-abcdef12k",
+        "sb-08080-x2qxvk-614adedea",
+        "sb-00080-x2qxvk-614adedea",
     ],
 )
 def test_parse_token_rejects(token: str) -> None:
