@@ -312,14 +312,21 @@ def test_parse_uri_route_signed_paths(uri: bytes, signed_path: bytes, fallback_p
         b"/sb/80/x2qxvk/614adedea0",
         b"/sb/80/x2qxvk",
         b"/sb/80/\xc3\xa9/614adedea",
+        b"/sb/80//614adedea",
+        b"/sb/80/x2qxvk/614adede",
+        b"/sb/80/x2qxvk/\xc3\xa9",
+        # Issue 16's example: an uppercase expiry before a valid signature.
+        b"/sb/80/ABC/aabbccddk/x",
     ],
 )
 def test_parse_uri_route_lookalikes_are_unsigned(uri: bytes) -> None:
-    """Segments that are not exactly expires/signature-shaped stay in an unsigned path."""
+    """Segments that are not all valid stay in an unsigned path, for every sandbox."""
     route = parse_uri_route(uri)
     assert route.signed is None
     assert route.unsigned_fallback is None
     assert route.path == uri[len(b"/sb/80") :]
+    assert route.for_sandbox(True) is route
+    assert route.for_sandbox(False) is route
 
 
 def test_for_sandbox_without_fallback_is_identity() -> None:
