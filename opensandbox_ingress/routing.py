@@ -135,7 +135,8 @@ def parse_token(token: str, path: bytes) -> Route:
     id; anything else is read unsigned (C{sb-08080-0-abcdef12k} has the
     port C{abcdef12k}, so it is refused).
 
-    @raise RouteInvalid: empty id, missing or invalid port.
+    @raise RouteInvalid: empty id (or, unsigned, one starting with C{-}),
+        missing or invalid port.
     """
     segments = token.split("-")
     if len(segments) >= 4 and is_signature(segments[-1]) and is_expires_b36(
@@ -148,7 +149,9 @@ def parse_token(token: str, path: bytes) -> Route:
                 sandbox_id, port, path, signed=SignedPart(segments[-2], segments[-1])
             )
     sandbox_id, sep, port_text = token.rpartition("-")
-    if not sep or not sandbox_id:
+    # An id may contain '-' but not start with one: upstream's unsigned
+    # reading refuses an empty first segment (and no resource name has one).
+    if not sep or not sandbox_id or sandbox_id[0] == "-":
         raise RouteInvalid(f"routing token {token!r} is not <sandbox-id>-<port>")
     port = _port(port_text, strict=False)
     if port is None:
