@@ -1099,7 +1099,7 @@ DIFFERENCES = [
     ),
     Difference(
         "Error bodies without namespaces",
-        "503 bodies read ns/name (ready: 0/1)",
+        "BatchSandbox 503 bodies read ns/name (ready: 0/1)",
         "404/503 bodies name the sandbox id only (the 502 ambiguity names the namespaces, as upstream)",
         ("tests/test_upstream_parity.py::test_provider_records",),
     ),
