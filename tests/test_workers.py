@@ -341,6 +341,16 @@ def test_worker_that_does_not_drain_is_killed_after_the_timeout(tmp_path: Path) 
     ) as running:
         wait_healthy(running.proc, port)
         pids = running.workers()
+        # Stopped before it installs its SIGTERM handler, a worker would
+        # still die of the SIGTERM (fatal by default): wait until it serves.
+        poll(
+            lambda: any(
+                f"worker=0 pid={pids[0]} " in line and "listening on" in line
+                for line in running.output()
+            ),
+            20,
+            "worker 0 serving",
+        )
         os.kill(pids[0], signal.SIGSTOP)  # cannot drain; SIGKILL still works
         sent = time.monotonic()
         running.proc.send_signal(signal.SIGTERM)
