@@ -353,3 +353,64 @@ def test_overlay_args_start_the_ingress(
         assert routed(port, signed_host_token(SECRET_A, "a", "locked", backend_port, expires)) == 200
     finally:
         stop(proc)
+
+
+#: Run in the ingress process before twistd: reports every filesystem
+#: write (open for writing, mkdir, rename, remove, ...) outside /tmp on
+#: stderr, through os.write (which does not itself raise an audit event).
+WRITE_AUDIT = r"""
+import os, sys
+WRITES = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.symlink", "os.link",
+          "os.truncate", "os.chmod", "os.chown", "os.utime", "shutil.copyfile"}
+def allowed(path):
+    path = os.path.abspath(os.fsdecode(path)) if isinstance(path, (str, bytes)) else ""
+    # /tmp is the pod's emptyDir; byte code and the plugin cache are
+    # written at image build time, not at run time.
+    return (path.startswith("/tmp/") or path.endswith((".pyc", "dropin.cache", ".new"))
+            or "__pycache__" in path)
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if writing and isinstance(path, (str, bytes)) and not allowed(path):
+            os.write(2, f"WRITE-AUDIT open {path!r} {mode!r}\n".encode())
+    elif event in WRITES and args and not allowed(args[0]):
+        os.write(2, f"WRITE-AUDIT {event} {args[0]!r}\n".encode())
+sys.addaudithook(hook)
+from twisted.scripts.twistd import run
+run()
+"""
+
+
+def test_ingress_writes_no_file_outside_tmp(cluster: tuple[FakeKubeAPI, int], tmp_path: Path) -> None:
+    """With the base's args the ingress serves without writing outside /tmp: a read-only root suffices."""
+    fake, backend_port = cluster
+    args = container(kustomize("namespaced"))["args"]
+    port, admin = free_port(), free_port()
+    keys = tmp_path / "keys"
+    keys.write_text(f"a={base64.b64encode(SECRET_A).decode()}\n")
+    local = {
+        "--port=28888": f"--port={port}",
+        "--admin-listen=tcp:9090": f"--admin-listen=tcp:{admin}:interface=127.0.0.1",
+        f"--secure-access-keys-file={KEYS_DIR}/keys": f"--secure-access-keys-file={keys}",
+    }
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "OPENSANDBOX_INGRESS_"))}
+    env["KUBECONFIG"] = str(kubeconfig)
+    log = tmp_path / "audit.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [TWISTD[0], "-c", WRITE_AUDIT, *ENTRYPOINT, *[local.get(a, a) for a in args]],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_ready(proc, log, port)
+        assert routed(port, f"home-{backend_port}") == 200
+        for path in ("/metrics", "/sandboxes", "/livez"):
+            assert http_get(admin, path)[0] == 200
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "opensandbox-ingress version=" in text  # the hook ran in the real service
+    assert "WRITE-AUDIT" not in text, text
