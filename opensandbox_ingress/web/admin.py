@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ..errors import IngressError
 from ..registry import SandboxRecord
@@ -68,7 +68,21 @@ class AdminResource(Resource):
         path: bytes = request.path
         if path == b"/metrics":
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-            return self._core.metrics.exposition()
+            tree = self._core.metrics.tree_exposition
+            if tree is None:
+                return self._core.metrics.exposition()
+            # --workers: the supervisor merges every worker's metrics.
+            finished: list[object] = []
+            request.notifyFinish().addBoth(finished.append)
+
+            def write(body: bytes) -> None:
+                if not finished:  # the scraper may have gone meanwhile
+                    request.setHeader(b"Content-Length", str(len(body)).encode())
+                    request.write(body)
+                    request.finish()
+
+            tree().addCallback(write)
+            return NOT_DONE_YET  # type: ignore[return-value]
         if path == b"/status.ok":
             return self._health.render(request)  # type: ignore[no-any-return]
         if path == LIVENESS_PATH:
