@@ -67,6 +67,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import ConfigError, IngressConfig
+from .secret_files import DSN_ENV
 from .tree_metrics import SupervisorSide, TreeMetrics, WorkerSide
 
 #: Delay before the first restart of a crashed worker; doubles per quick crash.
@@ -482,6 +483,9 @@ def _worker_environment() -> dict[str, str]:
     the same code.
     """
     env = dict(os.environ)
+    # Workers get the resolved DSN with their configuration, on stdin; a
+    # secret need not sit in one more process's environment.
+    env.pop(DSN_ENV, None)
     root = str(Path(__file__).resolve().parent.parent)
     installed = {str(Path(p).resolve()) for p in site.getsitepackages()}
     if root not in installed:

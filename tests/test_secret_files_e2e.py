@@ -220,6 +220,10 @@ def test_dsn_from_file_or_environment_reaches_a_password_protected_redis(
         assert len(pids) >= 3, pids  # the supervisor and two workers
         for pid in pids:
             assert PASSWORD not in argv_of(pid), pid
+        # The workers got the DSN on stdin, not in their environment.
+        for pid in pids[1:]:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert PASSWORD.encode() not in environ, pid
         views = b"".join(http_get(admin, path)[1] for path in ("/sandboxes", "/metrics", "/sandboxes/sbx"))
         assert PASSWORD.encode() not in views
     finally:
