@@ -341,6 +341,10 @@ def test_worker_that_does_not_drain_is_killed_after_the_timeout(tmp_path: Path) 
     ) as running:
         wait_healthy(running.proc, port)
         pids = running.workers()
+        # Healthy may mean worker 1 alone: stop worker 0 only once it runs
+        # its service (its SIGTERM handler installed); stopped earlier, the
+        # default SIGTERM action kills it at once and nothing is tested.
+        poll(lambda: f"worker=0 pid={pids[0]} " in "".join(running.output()), 20, "worker 0 serving")
         os.kill(pids[0], signal.SIGSTOP)  # cannot drain; SIGKILL still works
         sent = time.monotonic()
         running.proc.send_signal(signal.SIGTERM)
