@@ -61,6 +61,9 @@ class RenewIntentConfig:
     queue_max_len: int = 0
     #: Seconds between two intents for the same sandbox.
     min_interval_s: float = 60.0
+    #: Keep the per-sandbox throttle in Redis, shared by every replica and
+    #: worker (L{opensandbox_ingress.shared_throttle}).
+    shared_throttle: bool = False
 
 
 @dataclass(frozen=True)

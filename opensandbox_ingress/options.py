@@ -41,6 +41,7 @@ class IngressOptions(usage.Options):
     optFlags = [
         ["all-namespaces", None, "Watch sandbox resources cluster-wide."],
         ["renew-intent-enabled", None, "Publish OSEP-0009 renew intents to Redis."],
+        ["renew-intent-shared-throttle", None, "Keep the per-sandbox throttle in Redis, shared by all replicas and workers."],
     ]
 
     optParameters = [
@@ -133,6 +134,7 @@ def config_from_options(options: Any) -> IngressConfig:
             min_interval_s=parse_seconds(
                 str(options["renew-intent-min-interval"]), "renew-intent-min-interval"
             ),
+            shared_throttle=bool(options.get("renew-intent-shared-throttle")),
         ),
         sandboxes_file=options["sandboxes-file"],
         kubeconfig=options["kubeconfig"],

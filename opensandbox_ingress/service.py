@@ -25,6 +25,7 @@ from .registry import SandboxRegistry
 from .renew import RenewIntentPublisher
 from .secret_files import keys_watcher_for
 from .secure_access import KeyRing
+from .shared_throttle import SharedThrottlePublisher
 from .sources import build_source, name_candidates_for
 from .web.admin import AdminResource, AdminSite
 from .web.fast import FastIngressFactory
@@ -56,7 +57,12 @@ class IngressCore:
         #: Re-reads C{--secure-access-keys-file}, if given; loaded now, so a
         #: broken file stops the start with a L{ConfigError}.
         self.keys_watcher = keys_watcher_for(config, self.secure_access_keys, reactor)
-        self.renew = RenewIntentPublisher(reactor, config.renew_intent)
+        publisher = (
+            SharedThrottlePublisher
+            if config.renew_intent.shared_throttle
+            else RenewIntentPublisher
+        )
+        self.renew: RenewIntentPublisher = publisher(reactor, config.renew_intent)
         self.metrics = IngressMetrics(config.mode)
         self.access_log = AccessLog(metrics=self.metrics)
         self.proxy = Proxy(self)
@@ -372,14 +378,19 @@ def _export_state(core: IngressCore, source: Any) -> None:
             "opensandbox_ingress_watch_lists", "Kubernetes lists applied.", lambda: stats.lists
         )
     renew = core.renew
+
+    def shared() -> int:
+        # Intents another process had already published this interval.
+        return getattr(renew, "shared_throttled", 0)
+
     metrics.add_counter(
         "opensandbox_ingress_renew_intents",
         "Renew intents by outcome: published, throttled, dropped, failed.",
         lambda: (
             "outcome",
             {
-                "published": renew.stats.published,
-                "throttled": renew.stats.throttled,
+                "published": renew.stats.published - shared(),
+                "throttled": renew.stats.throttled + shared(),
                 "dropped": renew.stats.dropped_overflow,
                 "failed": renew.stats.failed,
             },

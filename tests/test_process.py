@@ -43,7 +43,7 @@ def test_plugin_help_documents_every_flag() -> None:
         "kubeconfig", "context", "log-format", "admin-listen",
         "upstream-connect-timeout", "idle-timeout", "websocket-ping-interval",
         "ready-wait", "shutdown-timeout", "workers", "header-timeout",
-        "secure-access-keys-file", "renew-intent-redis-dsn-file",
+        "secure-access-keys-file", "renew-intent-redis-dsn-file", "renew-intent-shared-throttle",
     ):
         assert f"--{flag}" in out, flag
 
