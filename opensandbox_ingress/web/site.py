@@ -65,6 +65,21 @@ class StreamingBody:
         """Whether the client has sent the whole body."""
         return self._complete
 
+    @property
+    def waiting_for_client(self) -> bool:
+        """
+        Whether the body is stalled on the client: incomplete, and the
+        upstream request is ready for more (attached and not paused), so
+        only the client can move it.
+        """
+        return (
+            not self._complete
+            and not self._stopped
+            and self._failure is None
+            and self._consumer is not None
+            and not self._upstream_paused
+        )
+
     # -- fed by the request --------------------------------------------------
 
     def feed(self, data: bytes) -> None:
@@ -241,6 +256,12 @@ class IngressChannel(HTTPChannel):
         super().allHeadersReceived()
         request = self.requests[-1]
         if isinstance(request, IngressRequest) and request.body is not None:
+            if self.timeOut:
+                # The proxy's exchange times the streamed upload and tells a
+                # stalled client (408) from a stalled backend, so suspend the
+                # channel's own idle timer as HTTPChannel.allContentReceived
+                # does once a body is in; requestDone restores it.
+                self._savedTimeOut = self.setTimeout(None)
             request.start_early(command, path, version)
 
     def allContentReceived(self) -> None:
