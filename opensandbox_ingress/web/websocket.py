@@ -21,15 +21,17 @@ C{twisted.web} request, so every failure before the upgrade is rendered by
 the one error renderer (L{render_error}).  Only on the backend's 101 is the
 connection taken over (L{_take_over}).
 
-Frames are relayed as they arrive with Autobahn's frame-level API
-(C{onMessageFrameBegin}/C{onMessageFrameData} -> C{beginMessageFrame}/
-C{sendMessageFrameData}); no message is ever assembled, so there is no size
-cap and memory per session is bounded by socket buffers.  The price is that
-every relayed message ends with an empty final continuation frame (Autobahn's
-streaming API cannot set FIN on a data-carrying frame); message boundaries
-and each fragment's payload are kept, which is what RFC 6455 section 5.4
-lets an intermediary change.  No compression extension is negotiated on
-either hop, so frames pass without being inflated.
+Frames are relayed with Autobahn's frame-level API (C{onMessageFrameBegin}/
+C{onMessageFrameData}); no message is ever assembled beyond
+L{COLLECT_LIMIT}, so there is no size cap and memory per session is bounded.
+A message its sender wrote as one frame of at most L{COLLECT_LIMIT} bytes is
+collected and sent on as one frame.  Anything else is streamed as it arrives
+(C{beginMessageFrame}/C{sendMessageFrameData}), and ends with an empty final
+continuation frame (Autobahn's streaming API cannot set FIN on a
+data-carrying frame); message boundaries and each fragment's payload are
+kept, which is what RFC 6455 section 5.4 lets an intermediary change.  No
+compression extension is negotiated on either hop, so frames pass without
+being inflated.
 
 Control frames go between data frames, never inside one: a frame relayed in
 pieces holds back the pings and pongs Autobahn would write at once (and a
@@ -71,6 +73,7 @@ from zope.interface import implementer
 
 from ..errors import (
     IngressError,
+    SandboxNotFound,
     ShuttingDown,
     UpstreamTimeout,
     WebSocketHandshakeInvalid,
@@ -81,6 +84,7 @@ from .errors import render_error
 from .proxy import HOP_BY_HOP, POWERED_BY, Resolution, client_ip, forward_request_headers
 
 if TYPE_CHECKING:
+    from ..registry import SandboxRecord
     from ..service import IngressCore
 
 #: Seconds the backend gets to answer the upgrade once TCP is connected,
@@ -96,6 +100,9 @@ CLOSE_HANDSHAKE_TIMEOUT_S = 10.0
 
 #: Close code and reason sent to both peers when the ingress drains.
 GOING_AWAY = 1001
+#: A single-frame message up to this size is collected and relayed as one
+#: frame; larger ones are streamed (bounds memory per session and direction).
+COLLECT_LIMIT = 128 * 1024
 #: WebSocket control frame opcodes (RFC 6455 section 11.8).
 OPCODE_PING, OPCODE_PONG = 0x9, 0xA
 DRAIN_REASON = "ingress shutting down"
@@ -136,6 +143,9 @@ _REFUSAL_HEADERS = (b"location", b"www-authenticate", b"retry-after")
 #: The access log's namespace (see L{AccessLog}); a module-level logger,
 #: because a C{Logger} class attribute would name the class instead.
 _access_log = Logger(namespace="opensandbox_ingress.access")
+
+#: Operational messages (sessions ended by a sandbox change).
+_log = Logger(namespace="opensandbox_ingress.websocket")
 
 _SUPPORTED_VERSIONS = (b"13", b"8")
 _KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
@@ -230,6 +240,28 @@ def returned_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, list[str]]
             continue
         out.setdefault(name.decode("latin-1"), []).append(_text(value))
     return out
+
+
+def session_end_reason(
+    session_record: SandboxRecord, new: SandboxRecord | None
+) -> tuple[str, str] | None:
+    """
+    Why a session opened to C{session_record} must end now that the
+    registry holds C{new} for that sandbox (None: it is gone), as (metric
+    label, close reason), or None when it may go on.  Status updates
+    (readiness, a new resourceVersion) leave sessions alone: the backend
+    connection itself says when the pod goes.
+    """
+    name = session_record.name
+    if new is None:
+        return ("removed", f"sandbox {name} was removed")
+    if new.incarnation != session_record.incarnation:
+        return ("recreated", f"sandbox {name} was recreated")
+    if new.endpoint != session_record.endpoint:
+        return ("moved", f"sandbox {name} moved to another endpoint")
+    if new.secure_access_token != session_record.secure_access_token:
+        return ("token_changed", f"sandbox {name} changed its access token")
+    return None
 
 
 def _text(value: bytes) -> str:
@@ -330,21 +362,48 @@ class _Hop:
     received_at_ping = 0
     _pong_deadline: Any = None  # IDelayedCall
     _linger: Any = None  # IDelayedCall
+    #: The type of the message arriving from this hop's peer.
+    message_binary = False
+    #: Whether that message is being streamed to the partner (begun there).
+    streaming = False
+    #: The payload so far of a single-frame message of at most
+    #: L{COLLECT_LIMIT} bytes, which goes on as one final frame.
+    collecting: list[bytes] | None = None
+
+    # A message that is one frame (FIN set on its first frame) of at most
+    # COLLECT_LIMIT bytes is collected and sent on as one final frame, as
+    # its sender sent it.  Anything else is streamed frame by frame as it
+    # arrives (Autobahn's streaming API cannot set FIN on a data frame, so
+    # such a message ends with an empty final frame); the sender's
+    # fragmentation is kept.
 
     def onMessageBegin(self, isBinary: bool) -> None:
-        peer = self.partner
-        if peer is not None:
-            peer.beginMessage(isBinary)
+        self.message_binary = isBinary
+        self.streaming = False
 
     def onMessageFrameBegin(self, length: int) -> None:
         self.session.frame_relayed(self.upstream_bound)
+        if (
+            not self.streaming
+            and length <= COLLECT_LIMIT
+            and self.current_frame.fin  # type: ignore[attr-defined]
+        ):
+            self.collecting = []
+            return
         peer = self.partner
         if peer is not None:
+            if not self.streaming:
+                peer.beginMessage(self.message_binary)
             peer.beginMessageFrame(length)
+        self.streaming = True
 
     def onMessageFrameData(self, payload: bytes) -> None:
         self.received += len(payload)
         self.session.count(self.upstream_bound, len(payload))
+        collecting = self.collecting
+        if collecting is not None:
+            collecting.append(payload)
+            return
         peer = self.partner
         if peer is not None:
             peer.sendMessageFrameData(payload)
@@ -357,8 +416,12 @@ class _Hop:
 
     def onMessageEnd(self) -> None:
         peer = self.partner
+        collecting, self.collecting = self.collecting, None
         if peer is not None:
-            peer.endMessage()
+            if collecting is not None:
+                peer.sendMessage(b"".join(collecting), self.message_binary)
+            else:
+                peer.endMessage()
             self._flush_peer_close()
 
     def _flush_peer_close(self) -> None:
@@ -501,7 +564,13 @@ class _Hop:
         """
         if self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
             return
-        if self.send_state == self.SEND_STATE_INSIDE_MESSAGE_FRAME:  # type: ignore[attr-defined]
+        partner = self.partner
+        if (
+            self.send_state == self.SEND_STATE_INSIDE_MESSAGE_FRAME  # type: ignore[attr-defined]
+            or (partner is not None and partner.collecting is not None)
+        ):
+            # A frame half written, or a message being collected, for this
+            # peer: the close follows it.
             self.pending_close = (code, reason)
         else:
             self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)  # type: ignore[attr-defined]
@@ -617,6 +686,8 @@ class _Session:
         self.relay = relay
         self.request: Request | None = request
         route = resolution.route
+        #: The sandbox as it was when the session was routed.
+        self.record = resolution.record
         self.sandbox_id = route.sandbox_id
         self.port = route.port
         self.endpoint = resolution.endpoint
@@ -825,10 +896,14 @@ class _Session:
         if other is not None:
             other.send_close(code, reason or None)
 
-    def close(self, code: int, reason: str) -> None:
-        """Close the session from the ingress side (drain)."""
+    def close(self, code: int, reason: str, refusal: IngressError | None = None) -> None:
+        """
+        Close the session from the ingress side: open hops get a close
+        frame with C{code} and C{reason}; a session still dialing answers
+        the client C{refusal} (default: shutting down, for a drain).
+        """
         if self.state == _DIALING:
-            self.refuse(ShuttingDown("ingress is shutting down"))
+            self.refuse(refusal or ShuttingDown("ingress is shutting down"))
             return
         if self.state == _FINISHED:
             return
@@ -987,6 +1062,8 @@ class WebSocketRelay:
         self.server_factory.setProtocolOptions(webStatus=False, **common)
         #: Sessions from dial to last close.
         self.sessions: set[_Session] = set()
+        #: Sessions ended because their sandbox changed, by what changed.
+        self.ended_by_sandbox: dict[str, int] = {}
 
     def handle(self, request: Request, resolution: Resolution) -> None:
         """Relay one resolved upgrade request (the proxy's hook)."""
@@ -1028,6 +1105,32 @@ class WebSocketRelay:
         for session in list(self.sessions):
             session.close(code, reason)
 
+    def sandbox_changed(self, old: SandboxRecord, new: SandboxRecord | None) -> None:
+        """
+        A registry change (its change listener): end the sessions of a
+        sandbox that went away, was recreated, moved or changed its access
+        token, with 1001 on both hops and a reason naming it.  A session
+        still dialing answers its client 404 (gone) or 503 (changed).
+        """
+        for session in [s for s in self.sessions if s.record.key == old.key]:
+            ending = session_end_reason(session.record, new)
+            if ending is None:
+                continue
+            kind, reason = ending
+            self.ended_by_sandbox[kind] = self.ended_by_sandbox.get(kind, 0) + 1
+            _log.info(
+                "closing WebSocket session to {sandbox} port {port}: {reason}",
+                sandbox=session.sandbox_id,
+                port=session.port,
+                reason=reason,
+            )
+            refusal: IngressError = (
+                SandboxNotFound(reason)
+                if new is None
+                else WebSocketUpstreamUnreachable(f"{reason} while connecting")
+            )
+            session.close(GOING_AWAY, reason, refusal)
+
 
 __all__ = [
     "CLOSE_HANDSHAKE_TIMEOUT_S",
@@ -1039,5 +1142,6 @@ __all__ = [
     "check_client_handshake",
     "parse_response_head",
     "returned_headers",
+    "session_end_reason",
     "subprotocol_offers",
 ]
