@@ -1084,7 +1084,7 @@ class Soak:
         )
         expected = Counter(f"{e.kind} {e.target}: {squash(e.detail)}" for e in st.errors if e.expected)
         print(f"expected errors: {sum(expected.values())}")
-        for what, n in expected.most_common(12):
+        for what, n in expected.most_common(30):
             print(f"  {n:6d}  {what}")
         unexpected = [e for e in st.errors if not e.expected]
         print(f"unexpected errors: {len(unexpected)}")
@@ -1094,7 +1094,8 @@ class Soak:
               f"redis outage {[round(x, 1) for x in self.redis_outage]}")
         samples = self.tmp / "samples.json"
         samples.write_text(json.dumps([s.__dict__ for s in self.samples]))
-        print(f"samples: {samples}")
+        (self.tmp / "errors.json").write_text(json.dumps([e.__dict__ for e in st.errors]))
+        print(f"samples: {samples}, every error: {self.tmp / 'errors.json'}")
         print()
         for name, ok, detail in self.checks:
             print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
