@@ -137,6 +137,16 @@ class UpstreamTimeout(IngressError):
     code = "upstream_timeout"
 
 
+class ClientTimeout(IngressError):
+    """
+    The client stopped sending its request body for the idle timeout while
+    the backend waited for it (408): the client's fault, not the sandbox's.
+    """
+
+    status = 408
+    code = "client_timeout"
+
+
 class WebSocketUpstreamUnreachable(IngressError):
     """The backend WebSocket could not be reached (503, as upstream does)."""
 

@@ -76,9 +76,16 @@ class IngressMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.client_errors = Counter(
+            "opensandbox_ingress_client_errors",
+            "Requests the client failed, by reason: timeout (an upload stalled).",
+            ["reason"],
+            registry=self.registry,
+        )
         # Pre-create the label sets so the series exist (at 0) from the start.
         for reason in ("connect", "timeout", "reset"):
             self.upstream_errors.labels(reason)
+        self.client_errors.labels("timeout")
         self._state = _StateCollector()
         self.registry.register(self._state)
         # process_cpu_seconds_total, process_resident_memory_bytes, ... of
@@ -105,6 +112,10 @@ class IngressMetrics:
     def upstream_error(self, reason: str) -> None:
         """Count an upstream failure (C{connect}, C{timeout} or C{reset})."""
         self.upstream_errors.labels(reason).inc()
+
+    def client_error(self, reason: str) -> None:
+        """Count a request the client failed (C{timeout}: its upload stalled)."""
+        self.client_errors.labels(reason).inc()
 
     def add_gauge(self, name: str, documentation: str, read: Callable[[], Any]) -> None:
         """

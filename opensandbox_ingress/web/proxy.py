@@ -38,6 +38,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from .. import routing
 from ..errors import (
+    ClientTimeout,
     IngressError,
     SandboxNotReady,
     UpstreamTimeout,
@@ -396,9 +397,12 @@ class _Exchange:
     """
     One forwarded HTTP request and its response.
 
-    Owns the idle timer: any byte moving in either direction resets it; when
-    it fires before the response head, the client gets 502
-    C{upstream_timeout}; after, both connections are closed.
+    Owns the idle timer: any byte moving in either direction resets it.
+    When it fires while the upload waits on the client (the backend ready
+    for more), the client is to blame: 408 C{client_timeout} before the
+    response head, the connection closed after, counted as a client error.
+    Otherwise the backend is: 502 C{upstream_timeout} before the response
+    head, both connections closed after, counted as an upstream error.
     """
 
     __slots__ = (
@@ -412,6 +416,7 @@ class _Exchange:
         "_body_transport",
         "_done",
         "_timed_out",
+        "_client_stalled",
         "_rebase",
     )
 
@@ -433,6 +438,7 @@ class _Exchange:
         self._body_transport: Any = None
         self._done = False
         self._timed_out = False
+        self._client_stalled = False
         self._rebase = False
 
     def start(self) -> None:
@@ -470,11 +476,31 @@ class _Exchange:
     def _idle_timeout(self) -> None:
         self._timer = None
         self._timed_out = True
+        body = self._request.body if isinstance(self._request, IngressRequest) else None
+        if body is not None and body.waiting_for_client and not self._done:
+            self._client_timed_out()
+            return
         if self._pending is not None:
             self._pending.cancel()
         elif self._body_transport is not None:
             self._body_transport.stopProducing()
             self._abort_client()
+
+    def _client_timed_out(self) -> None:
+        """The upload stalled on the client: a client error, not the sandbox's."""
+        self._client_stalled = True
+        self._core.metrics.client_error("timeout")
+        if self._pending is not None:
+            # _request_failed renders the 408 (the cancel fires it at once).
+            self._pending.cancel()
+            return
+        # The response has started: all that is left is to close the
+        # connection, logged with the client's status.
+        if self._body_transport is not None:
+            self._body_transport.stopProducing()
+            self._body_transport = None
+        self._finished(ClientTimeout.status)
+        self._abort_client()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -492,7 +518,12 @@ class _Exchange:
         route = self._res.route
         target = f"{self._res.endpoint}:{route.port}"
         error: IngressError
-        if self._timed_out or failure.check(ierror.TimeoutError):
+        if self._client_stalled:
+            error = ClientTimeout("the client stopped sending the request body")
+            # The rest of the body will not come: this is the connection's
+            # last response, and RFC 9110 (15.5.9) asks to say so.
+            self._request.setHeader(b"Connection", b"close")
+        elif self._timed_out or failure.check(ierror.TimeoutError):
             error = UpstreamTimeout(f"upstream {target} timed out")
             self._core.metrics.upstream_error("timeout")
         else:
@@ -589,12 +620,12 @@ class _Exchange:
                 self._body_transport.stopProducing()
                 self._body_transport = None
 
-    def _finished(self) -> None:
+    def _finished(self, status: int | None = None) -> None:
         if self._done:
             return
         self._done = True
         self._core.request_finished()
-        self._log_access()
+        self._log_access(status)
 
     def _log_access(self, status: int | None = None) -> None:
         request = self._request
