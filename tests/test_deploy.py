@@ -175,6 +175,10 @@ def test_pod_is_locked_down_and_probes_match_the_listeners(
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert set(main["resources"]) == {"requests", "limits"}
+    # The HPA's target is a share of the request: one core, what one process uses.
+    assert main["resources"]["requests"]["cpu"] == "1"
+    metric = kinds["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["resource"]
+    assert metric["name"] == "cpu" and metric["target"]["type"] == "Utilization"
 
     options = parse_args(main["args"])
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
