@@ -137,6 +137,17 @@ class UpstreamTimeout(IngressError):
     code = "upstream_timeout"
 
 
+class UpstreamInvalidResponse(IngressError):
+    """
+    The backend's response head is not one the ingress relays: a status
+    outside 100..599, a malformed status line or framing, a header name
+    that is not a token, or a control byte in a header value (502).
+    """
+
+    status = 502
+    code = "upstream_invalid_response"
+
+
 class WebSocketUpstreamUnreachable(IngressError):
     """The backend WebSocket could not be reached (503, as upstream does)."""
 

@@ -46,12 +46,19 @@ from twisted.internet.interfaces import IDelayedCall, ISSLTransport, ITCPTranspo
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import datetimeToString
 
 from .. import routing
 from .._compat import PYPY
-from ..errors import ERROR_HEADER, IngressError, UpstreamTimeout, UpstreamUnreachable
+from ..errors import (
+    IngressError,
+    UpstreamInvalidResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from ..framing import status_line, valid_field_value, valid_status
 from ..secure_access import SECURE_ACCESS_HEADER, check_access
+from .errors import error_response
 from .health import HEALTH_PATH
 from .proxy import (
     _STRIP_REQUEST,
@@ -95,8 +102,12 @@ _EMPTY_BODY_CL = frozenset({b"PUT", b"POST"})
 #: dead before answering (as Twisted's client does).
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _NO_BODY = frozenset({204, 304})
-#: A response's header lines (each with its CRLF): names are tokens.
-_RESPONSE_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*")
+#: A response's header lines (each with its CRLF): names are tokens, values
+#: hold no control byte but HTAB (RFC 9110 section 5.5), so NUL, a bare CR
+#: or a bare LF from a backend never reach a client.
+_RESPONSE_BLOCK = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*"
+)
 
 
 def _field_values(lines: bytes, name: bytes) -> list[bytes]:
@@ -820,7 +831,9 @@ class _Exchange:
         self._status = code
         channel = self.channel
         head_only = self.head.method == b"HEAD"
-        lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase or RESPONSES.get(code, b"Unknown Status"))]
+        # Written by the ingress: a validated code and the backend's reason
+        # phrase only when it holds no control byte (else the standard one).
+        lines = [status_line(code, phrase)]
         if not self.persistent:
             lines.append(b"Connection: close\r\n")
         prefix = self.route.prefix
@@ -932,6 +945,22 @@ class _Exchange:
         self.persistent = False
         self._finish(self._status)
 
+    def upstream_invalid(self, why: str, responded: bool) -> None:
+        """
+        The backend's response is not one to relay (never retried: the
+        backend answered, badly): 502 C{upstream_invalid_response} before
+        the response head, a cut client connection after it.
+        """
+        self.upstream = None
+        if self._done:
+            return
+        if responded:
+            self.upstream_lost(Failure(ierror.ConnectionLost(why)), True)
+            return
+        target = f"{self.endpoint}:{self.route.port}"
+        self.core.metrics.upstream_error("invalid")
+        self._send_error(UpstreamInvalidResponse(f"upstream {target} sent an invalid response: {why}"))
+
     def _key(self) -> tuple[str, str, int]:
         return (self.record.generation or self.record.name, self.endpoint, self.route.port)
 
@@ -945,31 +974,18 @@ class _Exchange:
             self.core.metrics.upstream_error("connect")
             assert failure is not None
             error = UpstreamUnreachable(f"upstream {target} unreachable: {_describe(failure)}")
+        self._send_error(error)
+
+    def _send_error(self, error: IngressError) -> None:
+        """Answer C{error} (rendered by the one renderer) and end the exchange."""
         if self._responded:
             self.channel.abort()
         else:
             self._responded = True
-            body = error.body()
-            self._sent = len(body)
-            lines = [b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b""))]
-            if not self.persistent:
-                lines.append(b"Connection: close\r\n")
-            lines += (
-                b"Date: ",
-                _http_date(time.time()),
-                b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-                % len(body),
-                ERROR_HEADER,
-                b": ",
-                error.code.encode("ascii"),
-                b"\r\n",
-            )
-            for name, value in error.extra_headers():
-                lines += (name, b": ", value, b"\r\n")
-            lines += (b"\r\n", body)
+            self._sent = len(error.body())
             transport = self.channel.transport
             assert transport is not None
-            _send(transport, b"".join(lines))
+            _send(transport, error_response(error, not self.persistent, _http_date(time.time())))
         if not self.upload_done:
             self.persistent = False
         self._finish(error.status)
@@ -1210,12 +1226,13 @@ class _Upstream(Protocol):
         self._chunks(data)
 
     def _fail(self, why: str) -> None:
+        """The backend sent bytes the ingress does not relay: drop it."""
         self._reusable = False
         exchange, self.exchange = self.exchange, None
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
         if exchange is not None:
-            exchange.upstream_lost(Failure(ierror.ConnectionLost(why)), self._responded)
+            exchange.upstream_invalid(why, self._responded)
 
     def _head(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -1237,7 +1254,14 @@ class _Upstream(Protocol):
                 code = int(status[1])
             except ValueError:
                 code = 0
-            if not 100 <= code <= 999 or len(status[1]) != 3:
+            if (
+                not valid_status(code)
+                or len(status[1]) != 3
+                or (len(status) > 2 and not valid_field_value(status[2]))
+            ):
+                # A control byte in the reason phrase (a bare CR or LF would
+                # split the client's response) or a code that is not 3 digits
+                # in 100..599.
                 self._fail("invalid status line")
                 return
             if 100 <= code < 200:

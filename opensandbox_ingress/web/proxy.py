@@ -40,9 +40,11 @@ from .. import routing
 from ..errors import (
     IngressError,
     SandboxNotReady,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from ..framing import invalid_response_header, valid_field_value, valid_status
 from ..registry import SandboxRecord
 from ..routing import Route
 from ..secure_access import SECURE_ACCESS_HEADER, check_access
@@ -83,7 +85,16 @@ _STRIP_REQUEST = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"x-forwarded-prefix",
 }
-_STRIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
+#: Response headers the client never sees: hop-by-hop, framing (the
+#: ingress frames the response itself), and the routing and secure-access
+#: headers (removed in both directions, so a sandbox cannot make a client
+#: hold or replay a credential or a route it did not send).
+_STRIP_RESPONSE = HOP_BY_HOP | {
+    b"content-length",
+    routing.INGRESS_TO_HEADER.lower(),
+    routing.LEGACY_INGRESS_HEADER.lower(),
+    SECURE_ACCESS_HEADER.lower(),
+}
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -509,6 +520,20 @@ class _Exchange:
             response.deliverBody(_Discard())
             return
         self._progress()
+        why = _invalid_response(response)
+        if why is not None:
+            # Nothing of this head reaches the client; the connection is
+            # dropped, never pooled.
+            response.deliverBody(_Discard())
+            self._stop_timer()
+            self._core.metrics.upstream_error("invalid")
+            target = f"{self._res.endpoint}:{self._res.route.port}"
+            render_error(
+                request,
+                UpstreamInvalidResponse(f"upstream {target} sent an invalid response: {why}"),
+            )
+            self._finished()
+            return
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         # Twisted's server adds Server and a default Content-Type; a proxy
@@ -607,6 +632,21 @@ class _Exchange:
             self._started,
             client_ip(request),
         )
+
+
+def _invalid_response(response: IResponse) -> str | None:
+    """
+    Why Twisted's client accepted a response head the ingress does not
+    relay (Twisted takes any integer status and any header bytes), or None.
+    """
+    if not valid_status(response.code) or not valid_field_value(response.phrase):
+        return "invalid status line"
+    headers = [
+        (name, value)
+        for name, values in response.headers.getAllRawHeaders()
+        for value in values
+    ]
+    return invalid_response_header(headers)
 
 
 class _Discard(Protocol):
