@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 
+from ._events import FramingError, RequestHead, ResponseHead
+
 #: A request head (start line and header lines) larger than this is refused
 #: with 431 (C{--max-header-bytes}).
 MAX_HEAD_BYTES = 16384
@@ -87,3 +89,215 @@ def invalid_response_header(headers: list[tuple[bytes, bytes]]) -> str | None:
         if _FIELD_VALUE.fullmatch(value) is None:
             return "control character in a header value"
     return None
+
+
+# -- requests ---------------------------------------------------------------
+
+#: Methods refused with 501: the ingress does not tunnel.
+_NOT_IMPLEMENTED_METHODS = frozenset({b"CONNECT"})
+#: The methods llhttp knows (its C{HTTP_METHOD_MAP}); any other is refused
+#: with 501 by both parsers, so the two agree.
+KNOWN_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND "
+    b"PROPPATCH SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE "
+    b"M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE "
+    b"QUERY".split()
+)
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+#: The bytes an origin-form or absolute-form target may hold (RFC 3986
+#: unreserved, reserved, C{%}); parsers already refuse spaces and controls,
+#: and 0x7f-0xff is refused here whichever parser ran.
+_TARGET = re.compile(rb"[!-~]*")
+_ABSOLUTE = re.compile(rb"(?i)(https?)://([^/?#]*)([^#]*)")
+_AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:\[\]%]+")
+
+
+def head_size(first_line: int, headers: list[tuple[bytes, bytes]]) -> int:
+    """
+    The size of a head as the policy counts it: the start line and every
+    header line as C{name: value}, each with its CRLF, and the blank line.
+    Both parsers report the same fields, so both count the same.
+    """
+    size = first_line + 4
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
+def _tokens(values: list[bytes]) -> list[bytes]:
+    return [t.strip(b" \t").lower() for v in values for t in v.split(b",") if t.strip(b" \t")]
+
+
+def accept_request(
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    headers: list[tuple[bytes, bytes]],
+    max_head_bytes: int = MAX_HEAD_BYTES,
+    max_headers: int = MAX_HEADER_COUNT,
+) -> RequestHead | FramingError:
+    """
+    The ingress's request policy, applied to what a parser read: a
+    L{RequestHead} with the derived fields, or the L{FramingError} the
+    client gets (README.md, "HTTP framing", lists every row).
+    """
+    if len(headers) > max_headers:
+        return FramingError(431, f"more than {max_headers} header fields")
+    if head_size(len(method) + len(target) + 10, headers) > max_head_bytes:
+        return FramingError(431, f"request head larger than {max_head_bytes} bytes")
+    if version not in (b"1.1", b"1.0"):
+        if version[:1] == b"0":
+            # llhttp reads a request line without a version as HTTP/0.9.
+            return FramingError(400, "malformed request line")
+        return FramingError(505, "HTTP version not supported")
+    if method in _NOT_IMPLEMENTED_METHODS or method not in KNOWN_METHODS:
+        return FramingError(501, f"{method.decode('ascii', 'replace')} is not supported")
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    upgrade = False
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None:
+            return FramingError(400, "invalid header name")
+        if _FIELD_VALUE.fullmatch(value) is None:
+            return FramingError(400, "control character in a header value")
+        low = name.lower()
+        if low == b"host":
+            hosts.append(value)
+        elif low == b"content-length":
+            lengths.append(value)
+        elif low == b"transfer-encoding":
+            codings.append(value)
+        elif low == b"connection":
+            connection.append(value)
+        elif low == b"upgrade":
+            upgrade = True
+    if version == b"1.1" and len(hosts) != 1:
+        return FramingError(400, "HTTP/1.1 needs exactly one Host header")
+    if len(hosts) > 1:
+        return FramingError(400, "more than one Host header")
+    host = hosts[0] if hosts else None
+    # The target: origin-form, asterisk-form for OPTIONS, or absolute-form
+    # (whose authority replaces Host, RFC 9112 section 3.2.2).
+    if _TARGET.fullmatch(target) is None:
+        return FramingError(400, "invalid byte in the request target")
+    if target[:1] == b"/":
+        pass
+    elif target == b"*":
+        if method != b"OPTIONS":
+            return FramingError(400, "asterisk-form target without OPTIONS")
+    else:
+        m = _ABSOLUTE.fullmatch(target)
+        if m is None or _AUTHORITY.fullmatch(m.group(2)) is None or b"@" in m.group(2):
+            return FramingError(400, "invalid request target")
+        host = m.group(2)
+        target = m.group(3) or b"/"
+        if target[:1] == b"?":
+            target = b"/" + target
+    # Body framing (RFC 9112 section 6): only chunked as a transfer coding,
+    # never with Content-Length; one valid Content-Length.
+    content_length: int | None = 0
+    if codings:
+        tokens = _tokens(codings)
+        if version != b"1.1":
+            return FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if any(t != b"chunked" for t in tokens):
+            return FramingError(501, "transfer coding not supported (only chunked)")
+        if tokens != [b"chunked"]:
+            return FramingError(400, "invalid Transfer-Encoding")
+        if lengths:
+            return FramingError(400, "both Content-Length and Transfer-Encoding")
+        content_length = None
+    elif lengths:
+        if len(lengths) > 1 or _DIGITS.fullmatch(lengths[0]) is None:
+            return FramingError(400, "invalid Content-Length")
+        content_length = int(lengths[0])
+    listed = frozenset(_tokens(connection))
+    if version == b"1.1":
+        keep_alive = b"close" not in listed
+    else:
+        keep_alive = b"keep-alive" in listed and b"close" not in listed
+    return RequestHead(
+        method,
+        target,
+        version,
+        headers,
+        host,
+        content_length,
+        keep_alive,
+        upgrade and b"upgrade" in listed,
+        listed,
+    )
+
+
+# -- responses ----------------------------------------------------------------
+
+_BODYLESS = frozenset({204, 304})
+
+
+def accept_response(
+    status: int,
+    reason: bytes,
+    version: bytes,
+    headers: list[tuple[bytes, bytes]],
+    request_method: bytes,
+) -> ResponseHead | FramingError:
+    """
+    The ingress's policy for a backend's final response head: a
+    L{ResponseHead} with its framing (RFC 9112 section 6.3), or a
+    L{FramingError} (the client gets 502 C{upstream_invalid_response}).
+    """
+    if not valid_status(status) or status < 200:
+        return FramingError(502, "invalid status code")
+    if version not in (b"1.1", b"1.0"):
+        return FramingError(502, "invalid HTTP version")
+    if _REASON.fullmatch(reason) is None:
+        return FramingError(502, "control character in the reason phrase")
+    why = invalid_response_header(headers)
+    if why is not None:
+        return FramingError(502, why)
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    for name, value in headers:
+        low = name.lower()
+        if low == b"content-length":
+            lengths.append(value)
+        elif low == b"transfer-encoding":
+            codings.append(value)
+        elif low == b"connection":
+            connection.append(value)
+    listed = frozenset(_tokens(connection))
+    keep_alive = (
+        b"close" not in listed
+        if version == b"1.1"
+        else b"keep-alive" in listed and b"close" not in listed
+    )
+    content_length: int | None = None
+    if lengths:
+        if len(set(lengths)) > 1 or _DIGITS.fullmatch(lengths[0]) is None:
+            return FramingError(502, "invalid Content-Length")
+        content_length = int(lengths[0])
+    if codings:
+        # Only chunked is relayed: any other coding would reach the client
+        # unlabelled once the ingress re-frames the body, so it is refused
+        # (RFC 9112 section 6.3 allows read-until-close; a proxy that
+        # re-frames cannot keep the coding's meaning).
+        if _tokens(codings) != [b"chunked"]:
+            return FramingError(502, "transfer coding other than chunked")
+        if lengths:
+            return FramingError(502, "both Content-Length and Transfer-Encoding")
+    framing: str
+    if request_method == b"HEAD" or status in _BODYLESS:
+        framing = "none"
+    elif codings:
+        framing = "chunked"
+    elif content_length is not None:
+        framing = "length"
+    else:
+        framing = "close"
+        keep_alive = False
+    return ResponseHead(
+        status, reason, version, headers, framing, content_length, keep_alive, listed
+    )
