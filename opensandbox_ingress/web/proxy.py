@@ -356,15 +356,18 @@ def forward_request_headers(request: Request, endpoint: str, route: Route) -> He
     else:
         out.setRawHeaders(b"Host", [b"%s:%d" % (endpoint.encode("idna"), route.port)])
     ip = client_ip(request).encode("ascii", "replace")
-    prior = src.getRawHeaders(b"x-forwarded-for")
+    # An empty incoming value adds nothing (not ", client").
+    prior = [v for v in src.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
     out.setRawHeaders(
         b"X-Forwarded-For", [b", ".join(prior) + b", " + ip if prior else ip]
     )
-    if not src.hasHeader(b"x-forwarded-proto"):
+    # A client's own X-Forwarded-Proto/-Host is kept, unless it named the
+    # header in Connection (so it was dropped above): then the ingress's.
+    if not src.hasHeader(b"x-forwarded-proto") or b"x-forwarded-proto" in listed:
         out.setRawHeaders(
             b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"]
         )
-    if not src.hasHeader(b"x-forwarded-host"):
+    if not src.hasHeader(b"x-forwarded-host") or b"x-forwarded-host" in listed:
         host = src.getRawHeaders(b"host")
         if host:
             out.setRawHeaders(b"X-Forwarded-Host", host[:1])

@@ -17,6 +17,7 @@ U{https://github.com/twisted/twisted/blob/trunk/src/twisted/web/http.py}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -209,6 +210,9 @@ class IngressChannel(HTTPChannel):
     """
 
     header_timeout: float | None = None
+    #: Called when the last outstanding request is done (the fast path
+    #: writes a refusal that was waiting for the responses before it).
+    on_idle: Callable[[], None] | None = None
     _header_call: IDelayedCall | None = None
     _awaiting_headers = True
 
@@ -255,6 +259,8 @@ class IngressChannel(HTTPChannel):
     def requestDone(self, request: Request) -> None:
         self._awaiting_headers = True
         super().requestDone(request)
+        if not self.requests and self.on_idle is not None:
+            self.on_idle()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._cancel_header_timer()
