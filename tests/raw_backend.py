@@ -17,9 +17,13 @@ class _RawConnection(Protocol):
         self.owner = owner
         self.received = bytearray()
         self.answered = False
+        self.lost = False
 
     def connectionMade(self) -> None:
         self.owner.connections.append(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data

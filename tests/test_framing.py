@@ -176,6 +176,30 @@ def test_request_row(row: tuple[str, bytes, int | None], impl: str, pieces: int)
         assert any(isinstance(e, EndOfMessage) for e in events), events
 
 
+#: Where llhttp takes what RFC 9112 lets a server take and h11 does not:
+#: an empty line before a request (section 2.2) and several spaces between
+#: the parts of the request line (section 3).  Harmless behind the
+#: ingress, which writes the request line the backend gets.
+_LENIENT_IN_LLHTTP = [
+    b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /  HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", _LENIENT_IN_LLHTTP)
+def test_known_divergence_between_parsers(raw: bytes) -> None:
+    """The one documented difference: llhttp accepts these request lines, h11 refuses them."""
+    expected = {"httptools": None, "h11": 400}
+    for impl in IMPLS:
+        events = parse_request(raw, impl)
+        assert status_of(events) == expected[impl], (impl, events)
+        if expected[impl] is None:
+            head = events[0]
+            assert isinstance(head, RequestHead)
+            assert (head.method, head.target, head.version) == (b"GET", b"/", b"1.1")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_absolute_form_authority_replaces_host(impl: str) -> None:
     """An absolute-form target routes by its authority and forwards its path."""

@@ -358,8 +358,10 @@ class FastChannel(Protocol):
         self._delegate: Any = None
         #: After a handed-off upgrade request: bytes pass as they are.
         self._switched = False
-        #: Whether the handed-off message in progress has a chunked body.
+        #: Whether the handed-off message in progress has a chunked body,
+        #: and whether its body is still arriving.
         self._delegate_chunked = False
+        self._delegate_in_body = False
         #: A refusal waiting for C{twisted.web} to finish its responses.
         self._pending_error: FramingError | None = None
         self._exchange: _Exchange | None = None
@@ -573,6 +575,7 @@ class FastChannel(Protocol):
             self._head_since = None
             self._cancel_timer()
             self._delegate_chunked = event.content_length is None
+            self._delegate_in_body = True
             delegate.dataReceived(_serialize_head(event))
         elif type(event) is Data:
             data = event.data
@@ -580,12 +583,18 @@ class FastChannel(Protocol):
                 data = b"%x\r\n%b\r\n" % (len(data), data)
             delegate.dataReceived(data)
         elif type(event) is EndOfMessage:
+            self._delegate_in_body = False
             if self._delegate_chunked:
                 delegate.dataReceived(b"0\r\n\r\n")
         elif type(event) is Switched:
             self._switched = True
             delegate.dataReceived(event.data)
         elif type(event) is FramingError:
+            if self._delegate_in_body:
+                # A body the framing refused (a bad chunk, say): the request
+                # in progress cannot be completed; cut the connection.
+                self.abort()
+                return
             self._pending_error = event
             if not delegate.requests:
                 self._delegate_idle()
