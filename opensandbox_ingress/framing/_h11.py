@@ -56,6 +56,11 @@ def _raw_head_ok(raw: bytes, fields: int) -> bool:
     )
 
 
+def _reason(error: Exception) -> str:
+    """h11's message without the bytes it may quote (they are not echoed)."""
+    return str(error).split(":", 1)[0]
+
+
 class H11RequestParser:
     """Request framing for one client connection (see L{RequestParser})."""
 
@@ -100,7 +105,8 @@ class H11RequestParser:
         except h11.RemoteProtocolError as e:
             self._dead = True
             status = e.error_status_hint
-            reason = str(e)
+            # h11's messages may quote the bytes; the reason never does.
+            reason = _reason(e)
             if reason.startswith("Receive buffer too long"):
                 status, reason = 431, f"request head larger than {self._max_head} bytes"
             elif status == 501:
@@ -269,5 +275,5 @@ class H11ResponseParser:
             self._dead = True
             if self._complete:
                 return events
-            events.append(FramingError(502, f"malformed response: {e}"))
+            events.append(FramingError(502, f"malformed response: {_reason(e)}"))
         return events
