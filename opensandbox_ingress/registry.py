@@ -41,9 +41,13 @@ class SandboxRecord:
     @ivar not_ready_reason: Why not, for the 503 body and the routing view.
     @ivar secure_access_token: The OSEP-0011 access token, when the sandbox
         requires secure access; C{None} otherwise.
-    @ivar generation: Identity of this incarnation of the sandbox (for
-        Kubernetes, uid and resourceVersion).  Pooled upstream connections
-        belong to one generation and are never reused for another.
+    @ivar generation: Identity of this version of the sandbox's resource
+        (for Kubernetes, uid and resourceVersion).  Pooled upstream
+        connections belong to one generation and are never reused for
+        another.
+    @ivar incarnation: Identity of the sandbox's life, unchanged by status
+        updates (for Kubernetes, the resource's uid; empty for the file
+        provider).  Open WebSocket sessions end when it changes.
     """
 
     name: str
@@ -53,6 +57,7 @@ class SandboxRecord:
     not_ready_reason: str = ""
     secure_access_token: str | None = None
     generation: str = ""
+    incarnation: str = ""
 
     def require_ready(self) -> str:
         """Return the endpoint, or raise L{SandboxNotReady} with the reason."""

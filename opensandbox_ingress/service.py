@@ -67,6 +67,7 @@ class IngressCore:
         # address that now belongs to someone else.
         if new is None or new.generation != old.generation or new.endpoint != old.endpoint:
             self.upstream.forget_generation(old.generation or old.name)
+        self.websocket.sandbox_changed(old, new)
 
     def request_started(self) -> None:
         """Count an in-flight proxied exchange."""
@@ -345,6 +346,12 @@ def _export_state(core: IngressCore, source: Any) -> None:
             "opensandbox_ingress_websocket_sessions",
             "WebSocket sessions open.",
             lambda: websocket.active_sessions,
+        )
+        metrics.add_counter(
+            "opensandbox_ingress_websocket_sessions_ended_by_sandbox",
+            "WebSocket sessions closed because their sandbox was removed, recreated, "
+            "moved or changed its access token.",
+            lambda: ("reason", dict(websocket.ended_by_sandbox)),
         )
     stats = getattr(source, "stats", None)
     if stats is not None and hasattr(stats, "events"):

@@ -88,6 +88,7 @@ def test_batchsandbox_example_is_ready() -> None:
         not_ready_reason="",
         secure_access_token="tok-9c1e0b6d",
         generation="5b0f3c7e-8f1d-4c55-9b7a-2d3b1c0e9a11/481516",
+        incarnation="5b0f3c7e-8f1d-4c55-9b7a-2d3b1c0e9a11",
     )
     assert record.require_ready() == "10.244.1.5"
 
@@ -309,6 +310,7 @@ def test_agentsandbox_example_is_ready() -> None:
         not_ready_reason="",
         secure_access_token=None,
         generation="0c9e7d21-3a44-4b1e-8d90-6a1f2b3c4d5e/99120",
+        incarnation="0c9e7d21-3a44-4b1e-8d90-6a1f2b3c4d5e",
     )
 
 

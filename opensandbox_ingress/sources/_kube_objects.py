@@ -96,6 +96,11 @@ def object_generation(obj: object) -> str:
     return f"{uid}/{resource_version}"
 
 
+def object_uid(obj: object) -> str:
+    """C{metadata.uid}: the same for the object's whole life, new if it is recreated."""
+    return _optional_str(object_metadata(obj), "uid")
+
+
 def object_annotations(obj: object) -> Mapping[str, Any]:
     """C{metadata.annotations}, or an empty mapping when there are none."""
     annotations = object_metadata(obj).get("annotations")

@@ -19,6 +19,7 @@ from ._kube_objects import (
     ResourceKind,
     object_generation,
     object_key,
+    object_uid,
     secure_access_token,
 )
 
@@ -148,6 +149,7 @@ def record_from_agentsandbox(obj: Mapping[str, Any]) -> SandboxRecord:
         not_ready_reason="; ".join(problems),
         secure_access_token=token,
         generation=generation,
+        incarnation=object_uid(obj),
     )
 
 

@@ -18,6 +18,7 @@ from ._kube_objects import (
     object_annotations,
     object_generation,
     object_key,
+    object_uid,
     secure_access_token,
 )
 
@@ -116,6 +117,7 @@ def record_from_batchsandbox(obj: Mapping[str, Any]) -> SandboxRecord:
         not_ready_reason="; ".join(problems),
         secure_access_token=token,
         generation=generation,
+        incarnation=object_uid(obj),
     )
 
 

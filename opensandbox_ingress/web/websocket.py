@@ -31,6 +31,10 @@ and each fragment's payload are kept, which is what RFC 6455 section 5.4
 lets an intermediary change.  No compression extension is negotiated on
 either hop, so frames pass without being inflated.
 
+Control frames go between data frames, never inside one: a frame relayed in
+pieces holds back the pings and pongs Autobahn would write at once (and a
+relayed close) until its last payload byte is written (L{_Hop._hold}).
+
 Backpressure follows C{twisted/protocols/portforward.py}: each transport has
 a L{_Throttle} registered as its producer that pauses the I{other} transport,
 so a client that stops reading stops the ingress reading from the backend,
@@ -67,6 +71,7 @@ from zope.interface import implementer
 
 from ..errors import (
     IngressError,
+    SandboxNotFound,
     ShuttingDown,
     UpstreamTimeout,
     WebSocketHandshakeInvalid,
@@ -77,6 +82,7 @@ from .errors import render_error
 from .proxy import HOP_BY_HOP, POWERED_BY, Resolution, client_ip, forward_request_headers
 
 if TYPE_CHECKING:
+    from ..registry import SandboxRecord
     from ..service import IngressCore
 
 #: Seconds the backend gets to answer the upgrade once TCP is connected,
@@ -92,6 +98,8 @@ CLOSE_HANDSHAKE_TIMEOUT_S = 10.0
 
 #: Close code and reason sent to both peers when the ingress drains.
 GOING_AWAY = 1001
+#: WebSocket control frame opcodes (RFC 6455 section 11.8).
+OPCODE_PING, OPCODE_PONG = 0x9, 0xA
 DRAIN_REASON = "ingress shutting down"
 
 #: Access-log status of a session whose client left before the upgrade.
@@ -130,6 +138,9 @@ _REFUSAL_HEADERS = (b"location", b"www-authenticate", b"retry-after")
 #: The access log's namespace (see L{AccessLog}); a module-level logger,
 #: because a C{Logger} class attribute would name the class instead.
 _access_log = Logger(namespace="opensandbox_ingress.access")
+
+#: Operational messages (sessions ended by a sandbox change).
+_log = Logger(namespace="opensandbox_ingress.websocket")
 
 _SUPPORTED_VERSIONS = (b"13", b"8")
 _KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
@@ -226,6 +237,28 @@ def returned_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, list[str]]
     return out
 
 
+def session_end_reason(
+    session_record: SandboxRecord, new: SandboxRecord | None
+) -> tuple[str, str] | None:
+    """
+    Why a session opened to C{session_record} must end now that the
+    registry holds C{new} for that sandbox (None: it is gone), as (metric
+    label, close reason), or None when it may go on.  Status updates
+    (readiness, a new resourceVersion) leave sessions alone: the backend
+    connection itself says when the pod goes.
+    """
+    name = session_record.name
+    if new is None:
+        return ("removed", f"sandbox {name} was removed")
+    if new.incarnation != session_record.incarnation:
+        return ("recreated", f"sandbox {name} was recreated")
+    if new.endpoint != session_record.endpoint:
+        return ("moved", f"sandbox {name} moved to another endpoint")
+    if new.secure_access_token != session_record.secure_access_token:
+        return ("token_changed", f"sandbox {name} changed its access token")
+    return None
+
+
 def _text(value: bytes) -> str:
     # Autobahn builds handshakes as str and encodes them as UTF-8: UTF-8
     # bytes survive the round trip exactly; anything else (obs-text) is
@@ -268,17 +301,22 @@ class _Throttle:
     closing is the relay's business (close frames), not the transport's.
     """
 
-    __slots__ = ("_source", "pauses")
+    __slots__ = ("_source", "pauses", "paused")
 
     def __init__(self, source: Any) -> None:
         self._source = source
         self.pauses = 0
+        #: True while the transport this is registered on has a full send
+        #: buffer, that is while its peer is not reading.
+        self.paused = False
 
     def pauseProducing(self) -> None:
         self.pauses += 1
+        self.paused = True
         self._source.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self.paused = False
         self._source.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -303,6 +341,21 @@ class _Hop:
     upstream_bound = False
     #: A close waiting for the frame being relayed to this peer to end.
     pending_close: tuple[int | None, bytes | None] | None = None
+    #: Pings and pongs waiting for the frame being relayed to this peer to
+    #: end, by opcode: at most one of each (the latest), so a peer that
+    #: floods pings costs no memory (RFC 6455 section 5.5.3 lets a pong
+    #: answer only the most recent ping).
+    held_controls: dict[int, bytes | None] | None = None
+    #: The throttle registered on this hop's transport: paused while this
+    #: hop's peer does not read what is sent to it.
+    write_throttle: _Throttle | None = None
+    #: Payload bytes received from this hop's peer, and their count when
+    #: the last keep-alive ping was written: a peer that is streaming a
+    #: long frame cannot answer a ping until the frame ends, but it is
+    #: alive.
+    received = 0
+    received_at_ping = 0
+    _pong_deadline: Any = None  # IDelayedCall
     _linger: Any = None  # IDelayedCall
 
     def onMessageBegin(self, isBinary: bool) -> None:
@@ -317,6 +370,7 @@ class _Hop:
             peer.beginMessageFrame(length)
 
     def onMessageFrameData(self, payload: bytes) -> None:
+        self.received += len(payload)
         self.session.count(self.upstream_bound, len(payload))
         peer = self.partner
         if peer is not None:
@@ -342,6 +396,96 @@ class _Hop:
             code, reason = peer.pending_close
             peer.pending_close = None
             peer.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)
+
+    # -- control frames never inside a data frame -------------------------------
+    #
+    # A relayed data frame is written to this hop's peer in pieces, as its
+    # payload arrives from the other hop.  Autobahn writes a ping (its
+    # keep-alive timer) or a pong (its automatic answer in onPing) at once,
+    # which would land inside that half-written frame and corrupt the
+    # stream for the peer (RFC 6455 section 5.4: control frames may come
+    # between the frames of a message, never inside one).  So while a frame
+    # is half written they are held, and written as soon as it is complete.
+
+    def frame_half_written(self) -> bool:
+        """True while a data frame to this hop's peer has payload still to come."""
+        return (
+            self.send_state == self.SEND_STATE_INSIDE_MESSAGE_FRAME  # type: ignore[attr-defined]
+            and self.send_message_frame_masker.pointer()  # type: ignore[attr-defined]
+            < self.send_message_frame_length  # type: ignore[attr-defined]
+        )
+
+    def sendPing(self, payload: bytes | None = None) -> None:
+        # Only Autobahn's keep-alive timer pings: each ping starts the
+        # wait for its pong (L{_pong_overdue}).
+        if self._pong_deadline is None and self.session.relay.pong_timeout:
+            self.received_at_ping = self.received
+            self._pong_deadline = self.session.relay.reactor.callLater(
+                self.session.relay.pong_timeout, self._pong_overdue
+            )
+        if self.frame_half_written():
+            self._hold(OPCODE_PING, payload)
+            return
+        super().sendPing(payload)  # type: ignore[misc]
+
+    def sendPong(self, payload: bytes | None = None) -> None:
+        if self.frame_half_written():
+            self._hold(OPCODE_PONG, payload)
+            return
+        super().sendPong(payload)  # type: ignore[misc]
+
+    def _hold(self, opcode: int, payload: bytes | None) -> None:
+        held = self.held_controls
+        if held is None:
+            held = self.held_controls = {}
+        held.pop(opcode, None)  # the latest goes last
+        held[opcode] = payload
+
+    def beginMessageFrame(self, length: int) -> None:
+        super().beginMessageFrame(length)  # type: ignore[misc]
+        if self.held_controls is not None and length == 0:
+            self._release_held()
+
+    def sendMessageFrameData(self, payload: bytes, sync: bool = False) -> Any:
+        rest = super().sendMessageFrameData(payload, sync)  # type: ignore[misc]
+        if self.held_controls is not None and not self.frame_half_written():
+            self._release_held()
+        return rest
+
+    def _release_held(self) -> None:
+        held, self.held_controls = self.held_controls, None
+        for opcode, payload in (held or {}).items():
+            if opcode == OPCODE_PING:
+                self.sendPing(payload)
+            else:
+                self.sendPong(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        deadline, self._pong_deadline = self._pong_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _pong_overdue(self) -> None:
+        # The keep-alive ping has had no pong for the pong timeout.  The
+        # peer is not to blame, and the wait starts again, when
+        # - the ping is still held behind a half-written frame and the
+        #   peer is reading (the other hop is slow to send the rest), or
+        # - the peer has been sending frame payload since the ping (it
+        #   cannot answer inside its own frame).
+        # A peer that stops reading while a ping waits is dropped.  (Not
+        # Autobahn's autoPingTimeout: its timer rounds down to whole
+        # seconds and cannot tell these cases apart.)
+        self._pong_deadline = None
+        held = self.held_controls is not None and OPCODE_PING in self.held_controls
+        throttle = self.write_throttle
+        reading = throttle is None or not throttle.paused
+        if (held and reading) or (not held and self.received > self.received_at_ping):
+            self.received_at_ping = self.received
+            relay = self.session.relay
+            self._pong_deadline = relay.reactor.callLater(relay.pong_timeout, self._pong_overdue)
+            return
+        # Autobahn's own handling of a missed pong: an unclean drop.
+        super().onAutoPingTimeout()  # type: ignore[misc]
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Autobahn's sendData builds the arguments of a debug log line
@@ -402,9 +546,11 @@ class _Hop:
             )
 
     def connectionLost(self, reason: Failure) -> None:
-        linger, self._linger = self._linger, None
-        if linger is not None and linger.active():
-            linger.cancel()
+        for name in ("_linger", "_pong_deadline"):
+            call = getattr(self, name)
+            setattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
         super().connectionLost(reason)  # type: ignore[misc]
 
 
@@ -498,6 +644,8 @@ class _Session:
         self.relay = relay
         self.request: Request | None = request
         route = resolution.route
+        #: The sandbox as it was when the session was routed.
+        self.record = resolution.record
         self.sandbox_id = route.sandbox_id
         self.port = route.port
         self.endpoint = resolution.endpoint
@@ -674,6 +822,8 @@ class _Session:
         up = _Throttle(client_transport)
         client_transport.registerProducer(down, True)
         backend_transport.registerProducer(up, True)
+        client.write_throttle = down
+        backend.write_throttle = up
         self.throttles = (down, up)
 
     # -- relaying ---------------------------------------------------------------------
@@ -704,10 +854,14 @@ class _Session:
         if other is not None:
             other.send_close(code, reason or None)
 
-    def close(self, code: int, reason: str) -> None:
-        """Close the session from the ingress side (drain)."""
+    def close(self, code: int, reason: str, refusal: IngressError | None = None) -> None:
+        """
+        Close the session from the ingress side: open hops get a close
+        frame with C{code} and C{reason}; a session still dialing answers
+        the client C{refusal} (default: shutting down, for a drain).
+        """
         if self.state == _DIALING:
-            self.refuse(ShuttingDown("ingress is shutting down"))
+            self.refuse(refusal or ShuttingDown("ingress is shutting down"))
             return
         if self.state == _FINISHED:
             return
@@ -853,17 +1007,21 @@ class WebSocketRelay:
             "openHandshakeTimeout": handshake_timeout,
             "closeHandshakeTimeout": CLOSE_HANDSHAKE_TIMEOUT_S,
             "autoPingInterval": ping,
-            # A hop that leaves a keep-alive ping unanswered for the idle
-            # timeout is dead; 0 (no idle timeout) never drops.
-            "autoPingTimeout": config.idle_timeout_s if ping else 0,
+            # The relay times pongs itself (_Hop._pong_overdue).
+            "autoPingTimeout": 0,
         }
         self.client_options = dict(common)
+        #: Seconds a hop may leave a keep-alive ping unanswered (the idle
+        #: timeout); 0 (no pings, or no idle timeout) never drops.
+        self.pong_timeout = config.idle_timeout_s if ping else 0.0
         self.server_factory = WebSocketServerFactory(server=None, reactor=self.reactor)
         self.server_factory.protocol = _ClientHop
         self.server_factory.noisy = False
         self.server_factory.setProtocolOptions(webStatus=False, **common)
         #: Sessions from dial to last close.
         self.sessions: set[_Session] = set()
+        #: Sessions ended because their sandbox changed, by what changed.
+        self.ended_by_sandbox: dict[str, int] = {}
 
     def handle(self, request: Request, resolution: Resolution) -> None:
         """Relay one resolved upgrade request (the proxy's hook)."""
@@ -905,6 +1063,32 @@ class WebSocketRelay:
         for session in list(self.sessions):
             session.close(code, reason)
 
+    def sandbox_changed(self, old: SandboxRecord, new: SandboxRecord | None) -> None:
+        """
+        A registry change (its change listener): end the sessions of a
+        sandbox that went away, was recreated, moved or changed its access
+        token, with 1001 on both hops and a reason naming it.  A session
+        still dialing answers its client 404 (gone) or 503 (changed).
+        """
+        for session in [s for s in self.sessions if s.record.key == old.key]:
+            ending = session_end_reason(session.record, new)
+            if ending is None:
+                continue
+            kind, reason = ending
+            self.ended_by_sandbox[kind] = self.ended_by_sandbox.get(kind, 0) + 1
+            _log.info(
+                "closing WebSocket session to {sandbox} port {port}: {reason}",
+                sandbox=session.sandbox_id,
+                port=session.port,
+                reason=reason,
+            )
+            refusal: IngressError = (
+                SandboxNotFound(reason)
+                if new is None
+                else WebSocketUpstreamUnreachable(f"{reason} while connecting")
+            )
+            session.close(GOING_AWAY, reason, refusal)
+
 
 __all__ = [
     "CLOSE_HANDSHAKE_TIMEOUT_S",
@@ -916,5 +1100,6 @@ __all__ = [
     "check_client_handshake",
     "parse_response_head",
     "returned_headers",
+    "session_end_reason",
     "subprotocol_offers",
 ]
