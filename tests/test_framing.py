@@ -63,6 +63,7 @@ def outcome(events: list[Event]) -> object:
         if isinstance(event, FramingError):
             return ("error", event.status)
     out: list[object] = []
+    reusable = True
     for event in events:
         if isinstance(event, RequestHead):
             out.append(
@@ -79,6 +80,7 @@ def outcome(events: list[Event]) -> object:
                 )
             )
         elif isinstance(event, ResponseHead):
+            reusable = event.keep_alive
             out.append(
                 (
                     "resp",
@@ -96,7 +98,8 @@ def outcome(events: list[Event]) -> object:
             else:
                 out.append(event.data)
         elif isinstance(event, EndOfMessage):
-            out.append(("end", event.clean))
+            # Whether the connection may be reused: what must agree.
+            out.append(("end", event.clean and reusable))
         elif isinstance(event, Switched):
             out.append(("switched", event.data))
     return out
@@ -265,7 +268,7 @@ RESPONSE_ROWS: list[tuple[str, bytes, bytes, object]] = [
     ("chunked with trailers", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;e=1\r\nhi\r\n0\r\nT: x\r\n\r\n", b"GET",
      [("resp", 200, b"OK", [(b"transfer-encoding", b"chunked")], "chunked", None, True), b"hi", ("end", True)]),
     ("until close", b"HTTP/1.1 200 OK\r\n\r\nabc", b"GET",
-     [("resp", 200, b"OK", [], "close", None, False), b"abc", ("end", True)]),
+     [("resp", 200, b"OK", [], "close", None, False), b"abc", ("end", False)]),
     ("HEAD keeps Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", b"HEAD",
      [("resp", 200, b"OK", [(b"content-length", b"1234")], "none", 1234, True), ("end", True)]),
     ("204", b"HTTP/1.1 204 No Content\r\n\r\n", b"GET",
@@ -273,7 +276,7 @@ RESPONSE_ROWS: list[tuple[str, bytes, bytes, object]] = [
     ("interim 100 then 200", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"GET",
      [("resp", 200, b"OK", [(b"content-length", b"0")], "length", 0, True), ("end", True)]),
     ("HTTP/1.0 closes", b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", b"GET",
-     [("resp", 200, b"OK", [(b"content-length", b"1")], "length", 1, False), b"x", ("end", True)]),
+     [("resp", 200, b"OK", [(b"content-length", b"1")], "length", 1, False), b"x", ("end", False)]),
     ("extra bytes after the response", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n\r\n", b"GET",
      [("resp", 200, b"OK", [(b"content-length", b"1")], "length", 1, True), b"x", ("end", False)]),
     ("bare LF in the reason", b"HTTP/1.1 200 OK\nX-Injected: 1\r\nContent-Length: 0\r\n\r\n", b"GET", 502),

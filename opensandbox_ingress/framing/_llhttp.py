@@ -103,6 +103,8 @@ class LlhttpRequestParser:
             self._headers,
             self._max_head,
             self._max_headers,
+            # llhttp (strict) refused bad names and control bytes itself.
+            fields_checked=True,
         )
         if isinstance(head, FramingError):
             raise _Refused(head)
@@ -203,6 +205,7 @@ class LlhttpResponseParser:
         self._head: ResponseHead | None = None
         self._in_head = False
         self._partial = 0
+        self._size = 0
         self._complete = False
         self._unclean = False
         self._dead = False
@@ -230,6 +233,7 @@ class LlhttpResponseParser:
         self._in_head = True
         self._reason = b""
         self._headers = []
+        self._size = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -238,6 +242,7 @@ class LlhttpResponseParser:
         if value[-1:] in _OWS:
             value = value.rstrip(b" \t")
         self._headers.append((name, value))
+        self._size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -251,8 +256,7 @@ class LlhttpResponseParser:
                 raise _Refused(FramingError(502, "interim response in HTTP/1.0"))
             # An interim response: skipped; the final one follows.
             return
-        size = len(self._reason) + sum(len(n) + len(v) + 4 for n, v in self._headers)
-        if size > self._max_head:
+        if len(self._reason) + self._size > self._max_head:
             raise _Refused(FramingError(502, "response head too large"))
         head = accept_response(
             status,
@@ -260,6 +264,7 @@ class LlhttpResponseParser:
             parser.get_http_version().encode("ascii"),
             self._headers,
             self._method,
+            fields_checked=True,
         )
         if isinstance(head, FramingError):
             raise _Refused(head)

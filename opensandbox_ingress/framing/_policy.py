@@ -128,6 +128,39 @@ def _tokens(values: list[bytes]) -> list[bytes]:
     return [t.strip(b" \t").lower() for v in values for t in v.split(b",") if t.strip(b" \t")]
 
 
+# Header names the policy looks at, by their lower-cased form.
+_HOST, _LENGTH, _CODING, _CONNECTION, _UPGRADE = 1, 2, 3, 4, 5
+_KINDS = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CODING,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+}
+#: Header name -> its kind (0: none the policy reads); a bounded cache, as
+#: the same few names come with every request.
+_kind_of: dict[bytes, int] = {}
+
+
+def _kind(name: bytes) -> int:
+    kind = _kind_of.get(name)
+    if kind is None:
+        kind = _KINDS.get(name.lower(), 0)
+        if len(_kind_of) < 4096:
+            _kind_of[name] = kind
+    return kind
+
+
+def _check_fields(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a header list is not valid HTTP (a name that is not a token, a control byte)."""
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None:
+            return "invalid header name"
+        if _FIELD_VALUE.fullmatch(value) is None:
+            return "control character in a header value"
+    return None
+
+
 def accept_request(
     method: bytes,
     target: bytes,
@@ -135,49 +168,55 @@ def accept_request(
     headers: list[tuple[bytes, bytes]],
     max_head_bytes: int = MAX_HEAD_BYTES,
     max_headers: int = MAX_HEADER_COUNT,
+    fields_checked: bool = False,
 ) -> RequestHead | FramingError:
     """
     The ingress's request policy, applied to what a parser read: a
     L{RequestHead} with the derived fields, or the L{FramingError} the
     client gets (README.md, "HTTP framing", lists every row).
+    C{fields_checked} says the parser already refused names that are not
+    tokens and values with control bytes (llhttp does; h11 does not).
     """
     if len(headers) > max_headers:
         return FramingError(431, f"more than {max_headers} header fields")
-    if head_size(len(method) + len(target) + 10, headers) > max_head_bytes:
-        return FramingError(431, f"request head larger than {max_head_bytes} bytes")
-    if version not in (b"1.1", b"1.0"):
+    if version != b"1.1" and version != b"1.0":
         if version[:1] == b"0":
             # llhttp reads a request line without a version as HTTP/0.9.
             return FramingError(400, "malformed request line")
         return FramingError(505, "HTTP version not supported")
-    if method in _NOT_IMPLEMENTED_METHODS or method not in KNOWN_METHODS:
+    if method not in KNOWN_METHODS or method in _NOT_IMPLEMENTED_METHODS:
         return FramingError(501, f"{method.decode('ascii', 'replace')} is not supported")
-    hosts: list[bytes] = []
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    connection: list[bytes] = []
+    if not fields_checked:
+        why = _check_fields(headers)
+        if why is not None:
+            return FramingError(400, why)
+    size = len(method) + len(target) + 14
+    host: bytes | None = None
+    hosts = 0
+    lengths: list[bytes] | None = None
+    codings: list[bytes] | None = None
+    connection: list[bytes] | None = None
     upgrade = False
     for name, value in headers:
-        if _TOKEN.fullmatch(name) is None:
-            return FramingError(400, "invalid header name")
-        if _FIELD_VALUE.fullmatch(value) is None:
-            return FramingError(400, "control character in a header value")
-        low = name.lower()
-        if low == b"host":
-            hosts.append(value)
-        elif low == b"content-length":
-            lengths.append(value)
-        elif low == b"transfer-encoding":
-            codings.append(value)
-        elif low == b"connection":
-            connection.append(value)
-        elif low == b"upgrade":
+        size += len(name) + len(value) + 4
+        kind = _kind(name)
+        if not kind:
+            continue
+        if kind == _HOST:
+            hosts += 1
+            host = value
+        elif kind == _LENGTH:
+            lengths = [value] if lengths is None else lengths + [value]
+        elif kind == _CODING:
+            codings = [value] if codings is None else codings + [value]
+        elif kind == _CONNECTION:
+            connection = [value] if connection is None else connection + [value]
+        else:
             upgrade = True
-    if version == b"1.1" and len(hosts) != 1:
+    if size > max_head_bytes:
+        return FramingError(431, f"request head larger than {max_head_bytes} bytes")
+    if hosts > 1 or (hosts == 0 and version == b"1.1"):
         return FramingError(400, "HTTP/1.1 needs exactly one Host header")
-    if len(hosts) > 1:
-        return FramingError(400, "more than one Host header")
-    host = hosts[0] if hosts else None
     # The target: origin-form, asterisk-form for OPTIONS, or absolute-form
     # (whose authority replaces Host, RFC 9112 section 3.2.2).
     if _TARGET.fullmatch(target) is None:
@@ -198,7 +237,7 @@ def accept_request(
     # Body framing (RFC 9112 section 6): only chunked as a transfer coding,
     # never with Content-Length; one valid Content-Length.
     content_length: int | None = 0
-    if codings:
+    if codings is not None:
         tokens = _tokens(codings)
         if version != b"1.1":
             return FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -206,14 +245,14 @@ def accept_request(
             return FramingError(501, "transfer coding not supported (only chunked)")
         if tokens != [b"chunked"]:
             return FramingError(400, "invalid Transfer-Encoding")
-        if lengths:
+        if lengths is not None:
             return FramingError(400, "both Content-Length and Transfer-Encoding")
         content_length = None
-    elif lengths:
+    elif lengths is not None:
         if len(lengths) > 1 or _DIGITS.fullmatch(lengths[0]) is None:
             return FramingError(400, "invalid Content-Length")
         content_length = int(lengths[0])
-    listed = frozenset(_tokens(connection))
+    listed = frozenset(_tokens(connection)) if connection is not None else _NO_TOKENS
     if version == b"1.1":
         keep_alive = b"close" not in listed
     else:
@@ -231,6 +270,9 @@ def accept_request(
     )
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 # -- responses ----------------------------------------------------------------
 
 _BODYLESS = frozenset({204, 304})
@@ -242,56 +284,65 @@ def accept_response(
     version: bytes,
     headers: list[tuple[bytes, bytes]],
     request_method: bytes,
+    fields_checked: bool = False,
 ) -> ResponseHead | FramingError:
     """
     The ingress's policy for a backend's final response head: a
     L{ResponseHead} with its framing (RFC 9112 section 6.3), or a
     L{FramingError} (the client gets 502 C{upstream_invalid_response}).
+    C{fields_checked} as for L{accept_request}.
     """
-    if not valid_status(status) or status < 200:
+    if not 200 <= status <= 599:
         return FramingError(502, "invalid status code")
-    if version not in (b"1.1", b"1.0"):
+    if version != b"1.1" and version != b"1.0":
         return FramingError(502, "invalid HTTP version")
-    if _REASON.fullmatch(reason) is None:
+    if reason and _REASON.fullmatch(reason) is None:
         return FramingError(502, "control character in the reason phrase")
-    why = invalid_response_header(headers)
-    if why is not None:
-        return FramingError(502, why)
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    connection: list[bytes] = []
+    if not fields_checked:
+        why = _check_fields(headers)
+        if why is not None:
+            return FramingError(502, why)
+    lengths: list[bytes] | None = None
+    codings: list[bytes] | None = None
+    connection: list[bytes] | None = None
     for name, value in headers:
-        low = name.lower()
-        if low == b"content-length":
-            lengths.append(value)
-        elif low == b"transfer-encoding":
-            codings.append(value)
-        elif low == b"connection":
-            connection.append(value)
-    listed = frozenset(_tokens(connection))
-    keep_alive = (
-        b"close" not in listed
-        if version == b"1.1"
-        else b"keep-alive" in listed and b"close" not in listed
-    )
+        kind = _kind(name)
+        if not kind:
+            continue
+        if kind == _LENGTH:
+            lengths = [value] if lengths is None else lengths + [value]
+        elif kind == _CODING:
+            codings = [value] if codings is None else codings + [value]
+        elif kind == _CONNECTION:
+            connection = [value] if connection is None else connection + [value]
+    listed = frozenset(_tokens(connection)) if connection is not None else _NO_TOKENS
+    if version == b"1.1":
+        keep_alive = b"close" not in listed
+    else:
+        keep_alive = b"keep-alive" in listed and b"close" not in listed
     content_length: int | None = None
-    if lengths:
+    if lengths is not None:
         if len(set(lengths)) > 1 or _DIGITS.fullmatch(lengths[0]) is None:
             return FramingError(502, "invalid Content-Length")
         content_length = int(lengths[0])
-    if codings:
+    if codings is not None:
         # Only chunked is relayed: any other coding would reach the client
         # unlabelled once the ingress re-frames the body, so it is refused
         # (RFC 9112 section 6.3 allows read-until-close; a proxy that
         # re-frames cannot keep the coding's meaning).
         if _tokens(codings) != [b"chunked"]:
             return FramingError(502, "transfer coding other than chunked")
-        if lengths:
+        if lengths is not None:
             return FramingError(502, "both Content-Length and Transfer-Encoding")
     framing: str
     if request_method == b"HEAD" or status in _BODYLESS:
         framing = "none"
-    elif codings:
+        if codings is not None and request_method == b"HEAD":
+            # A HEAD answer that declares chunked: a parser that does not
+            # know the request was a HEAD (llhttp) would read what follows
+            # as chunks, so bytes after it could go unseen; not reused.
+            keep_alive = False
+    elif codings is not None:
         framing = "chunked"
     elif content_length is not None:
         framing = "length"
