@@ -44,12 +44,12 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from ..framing import invalid_response_header, valid_field_value, valid_status
 from ..registry import SandboxRecord
 from ..routing import Route
 from ..secure_access import SECURE_ACCESS_HEADER, check_access
 from .errors import render_error
 from .site import IngressRequest
+from .upstream import InvalidUpstreamResponse
 
 if TYPE_CHECKING:
     from ..service import IngressCore
@@ -505,7 +505,15 @@ class _Exchange:
         route = self._res.route
         target = f"{self._res.endpoint}:{route.port}"
         error: IngressError
-        if self._timed_out or failure.check(ierror.TimeoutError):
+        invalid = _invalid(failure)
+        if invalid is not None:
+            # The framing layer refused the response head: nothing of it
+            # reaches the client.
+            error = UpstreamInvalidResponse(
+                f"upstream {target} sent an invalid response: {invalid}"
+            )
+            self._core.metrics.upstream_error("invalid")
+        elif self._timed_out or failure.check(ierror.TimeoutError):
             error = UpstreamTimeout(f"upstream {target} timed out")
             self._core.metrics.upstream_error("timeout")
         else:
@@ -523,20 +531,6 @@ class _Exchange:
             response.deliverBody(_Discard())
             return
         self._progress()
-        why = _invalid_response(response)
-        if why is not None:
-            # Nothing of this head reaches the client; the connection is
-            # dropped, never pooled.
-            response.deliverBody(_Discard())
-            self._stop_timer()
-            self._core.metrics.upstream_error("invalid")
-            target = f"{self._res.endpoint}:{self._res.route.port}"
-            render_error(
-                request,
-                UpstreamInvalidResponse(f"upstream {target} sent an invalid response: {why}"),
-            )
-            self._finished()
-            return
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         # Twisted's server adds Server and a default Content-Type; a proxy
@@ -637,25 +631,22 @@ class _Exchange:
         )
 
 
-def _invalid_response(response: IResponse) -> str | None:
-    """
-    Why Twisted's client accepted a response head the ingress does not
-    relay (Twisted takes any integer status and any header bytes), or None.
-    """
-    if not valid_status(response.code) or not valid_field_value(response.phrase):
-        return "invalid status line"
-    headers = [
-        (name, value)
-        for name, values in response.headers.getAllRawHeaders()
-        for value in values
-    ]
-    return invalid_response_header(headers)
-
-
 class _Discard(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def _invalid(failure: Failure) -> str | None:
+    """The framing layer's reason when C{failure} is a refused response."""
+    if failure.check(ResponseFailed):
+        for reason in failure.value.reasons:
+            found = _invalid(reason)
+            if found is not None:
+                return found
+    if failure.check(InvalidUpstreamResponse):
+        return str(failure.value)
+    return None
 
 
 def _describe(failure: Failure) -> str:
