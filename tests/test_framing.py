@@ -421,3 +421,29 @@ def test_parsers_agree_on_responses(raw: bytes, method: bytes) -> None:
     got = {impl: outcome(parse_response(raw, impl, method)) for impl in IMPLS}
     a, b = got.values()
     assert a == b, (raw, got)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("split", [1, 20, 38, 39, 40, 41, 44])
+def test_length_body_split_anywhere_then_extra_bytes(impl: str, split: int) -> None:
+    """A Content-Length body split at any point ends exactly; bytes after it taint the connection."""
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA"
+    parser = framing.response_parser(implementation=impl)
+    parser.expect(b"GET")
+    events = parser.feed(raw[:split]) + parser.feed(raw[split:])
+    assert outcome(events) == [
+        ("resp", 200, b"OK", [(b"content-length", b"5")], "length", 5, True),
+        b"hello",
+        ("end", False),
+    ]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("split", [1, 40, 45, 46, 50])
+def test_upload_split_anywhere_then_next_request(impl: str, split: int) -> None:
+    """A Content-Length upload split at any point is followed by the next request, framed afresh."""
+    raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /n HTTP/1.1\r\nHost: a\r\n\r\n"
+    parser = framing.request_parser(implementation=impl)
+    got = outcome(parser.feed(raw[:split]) + parser.feed(raw[split:]))
+    assert got[1:3] == [b"hello", ("end", True)]
+    assert got[3][:3] == ("req", b"GET", b"/n") and got[-1] == ("end", True)

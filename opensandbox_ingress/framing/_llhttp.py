@@ -68,6 +68,8 @@ class LlhttpRequestParser:
         self._switched = False
         self._dead = False
         self._keep_alive = True
+        #: Body bytes still to come of a Content-Length body (see L{feed}).
+        self._left = 0
 
     @property
     def awaiting_head(self) -> bool:
@@ -109,14 +111,18 @@ class LlhttpRequestParser:
         if isinstance(head, FramingError):
             raise _Refused(head)
         self._keep_alive = head.keep_alive
+        self._left = head.content_length or 0
         self._events.append(head)
         # Trailer fields (checked by llhttp, then dropped) go elsewhere.
         self._headers = []
 
     def on_body(self, body: bytes) -> None:
+        if self._left:
+            self._left -= len(body)
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
+        self._left = 0
         self._events.append(EndOfMessage())
         if not self._keep_alive:
             # The connection's last request: what follows is ignored.
@@ -135,6 +141,25 @@ class LlhttpRequestParser:
             return []
         if self._switched:
             return [Switched(data)] if data else []
+        left = self._left
+        if left:
+            # The rest of a Content-Length body whose head an earlier feed
+            # carried: counted, not copied through llhttp (an upload's bytes
+            # pass as they came).  llhttp's idea of the message is then
+            # stale, so the next message gets a fresh parser.
+            if len(data) < left:
+                self._left = left - len(data)
+                return [Data(data)]
+            self._left = 0
+            events: list[Event] = [Data(data[:left]) if len(data) > left else Data(data)]
+            events.append(EndOfMessage())
+            if not self._keep_alive:
+                self._dead = True
+                return events
+            self._parser = httptools.HttpRequestParser(self)
+            if len(data) > left:
+                events += self.feed(data[left:])
+            return events
         events = self._events = []
         self._begun_in_feed = False
         try:
@@ -209,6 +234,9 @@ class LlhttpResponseParser:
         self._complete = False
         self._unclean = False
         self._dead = False
+        #: Body bytes still to come of a Content-Length body, or -1 for a
+        #: body read until the backend closes (see L{feed}).
+        self._left = 0
 
     def expect(self, method: bytes) -> None:
         """A request with C{method} was sent; parse its response next."""
@@ -222,6 +250,7 @@ class LlhttpResponseParser:
         self._dead = False
         self._in_head = False
         self._partial = 0
+        self._left = 0
 
     # -- llhttp callbacks ------------------------------------------------------
 
@@ -271,6 +300,10 @@ class LlhttpResponseParser:
         self._head = head
         self._events.append(head)
         self._headers = []
+        if head.framing == "length":
+            self._left = head.content_length or 0
+        elif head.framing == "close":
+            self._left = -1
         if head.framing == "none":
             # HEAD, 204, 304: no body whatever the headers say (llhttp does
             # not know the request was a HEAD, so it is told nothing and
@@ -282,12 +315,15 @@ class LlhttpResponseParser:
         if self._complete:
             self._unclean = True
             return
+        if self._left > 0:
+            self._left -= len(body)
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
         if self._head is None or self._complete:
             return  # the end of an interim response, or of a bodyless one
         self._complete = True
+        self._left = 0
         self._events.append(EndOfMessage())
 
     # -- feeding ---------------------------------------------------------------
@@ -301,6 +337,21 @@ class LlhttpResponseParser:
             # Unasked-for bytes (idle in the pool, or after the response).
             self._dead = True
             return [FramingError(502, "bytes after the response")]
+        left = self._left
+        if left:
+            # The rest of a body whose head an earlier feed carried, framed
+            # by length or by close: counted, not copied through llhttp.
+            if left < 0 or len(data) < left:
+                if left > 0:
+                    self._left = left - len(data)
+                return [Data(data)]
+            self._left = 0
+            self._complete = True
+            if len(data) == left:
+                return [Data(data), EndOfMessage()]
+            # Bytes after the response: this connection is not reused.
+            self._dead = True
+            return [Data(data[:left]), EndOfMessage(clean=False)]
         events = self._events = []
         try:
             parser.feed_data(data)
