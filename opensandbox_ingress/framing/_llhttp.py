@@ -230,7 +230,8 @@ class LlhttpResponseParser:
         self._head: ResponseHead | None = None
         self._in_head = False
         self._partial = 0
-        self._size = 0
+        #: Bytes fed since this response began (bounds its head's size).
+        self._fed = 0
         self._complete = False
         self._unclean = False
         self._dead = False
@@ -250,6 +251,7 @@ class LlhttpResponseParser:
         self._dead = False
         self._in_head = False
         self._partial = 0
+        self._fed = 0
         self._left = 0
 
     # -- llhttp callbacks ------------------------------------------------------
@@ -262,7 +264,6 @@ class LlhttpResponseParser:
         self._in_head = True
         self._reason = b""
         self._headers = []
-        self._size = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -271,7 +272,6 @@ class LlhttpResponseParser:
         if value[-1:] in _OWS:
             value = value.rstrip(b" \t")
         self._headers.append((name, value))
-        self._size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -285,7 +285,11 @@ class LlhttpResponseParser:
                 raise _Refused(FramingError(502, "interim response in HTTP/1.0"))
             # An interim response: skipped; the final one follows.
             return
-        if len(self._reason) + self._size > self._max_head:
+        if self._fed > self._max_head and (
+            len(self._reason) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+            > self._max_head
+        ):
+            # (Only summed when the bytes fed for it could be that many.)
             raise _Refused(FramingError(502, "response head too large"))
         head = accept_response(
             status,
@@ -352,6 +356,7 @@ class LlhttpResponseParser:
             # Bytes after the response: this connection is not reused.
             self._dead = True
             return [Data(data[:left]), EndOfMessage(clean=False)]
+        self._fed += len(data)
         events = self._events = []
         try:
             parser.feed_data(data)

@@ -197,9 +197,12 @@ def accept_request(
     codings: list[bytes] | None = None
     connection: list[bytes] | None = None
     upgrade = False
+    kinds = _kind_of
     for name, value in headers:
         size += len(name) + len(value) + 4
-        kind = _kind(name)
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
         if not kind:
             continue
         if kind == _HOST:
@@ -305,8 +308,11 @@ def accept_response(
     lengths: list[bytes] | None = None
     codings: list[bytes] | None = None
     connection: list[bytes] | None = None
+    kinds = _kind_of
     for name, value in headers:
-        kind = _kind(name)
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
         if not kind:
             continue
         if kind == _LENGTH:

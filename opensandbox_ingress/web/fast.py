@@ -219,8 +219,11 @@ def fast_head(request: RequestHead) -> _Head | None:
         return None
     head = _Head(request)
     headers = head.headers
+    names = _names
     for name, value in request.headers:
-        low = _lower(name)
+        low = names.get(name)
+        if low is None:
+            low = _lower(name)
         if low in _SLOW_HEADERS:
             return None
         headers.append((name, low, value))
@@ -933,8 +936,11 @@ class _Exchange:
         listed = response.listed
         strip = _STRIP_RESPONSE | listed if listed else _STRIP_RESPONSE
         dated = False
+        names = _names
         for name, value in response.headers:
-            low = _lower(name)
+            low = names.get(name)
+            if low is None:
+                low = _lower(name)
             if low in strip:
                 continue
             if low == b"date":
