@@ -265,6 +265,7 @@ REQUEST_ROWS = [
         200,
         b"OPTIONS * HTTP/1.1\r\n",
     ),
+    RequestRow("OPTIONS * with no route: the ingress's own answer", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     RequestRow(
         "X-Forwarded-Proto named in Connection: the ingress sets its own",
         _GET + b"Connection: X-Forwarded-Proto\r\nX-Forwarded-Proto: evil\r\n\r\n",

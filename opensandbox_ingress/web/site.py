@@ -183,6 +183,19 @@ class IngressRequest(Request):
             return
         super().requestReceived(command, path, version)
 
+    def _handleStar(self) -> None:
+        # Twisted answers "OPTIONS *" itself (an empty 200 with its own
+        # Server header, Request._handleStar in
+        # https://github.com/twisted/twisted/blob/trunk/src/twisted/web/server.py);
+        # an ingress routes it like any request: forwarded to the sandbox,
+        # or the ingress's own error.
+        site = self.site
+        assert site is not None  # process() set it
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
     def finish(self) -> None:
         if self.body is not None and not self.body.complete and self.channel:
             # The response is complete before the upload is: the rest of the
