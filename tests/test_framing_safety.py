@@ -478,3 +478,18 @@ async def test_bytes_while_idle_in_the_pool_close_the_backend_connection(
         client.transport.loseConnection()
     finally:
         await backend.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_header_bytes_is_the_head_limit(tmp_path: Path) -> None:
+    """--max-header-bytes sets the limit: a 3 KiB head is fine by default and 431 under 2048."""
+    raw = b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 3072 + b"\r\nConnection: close\r\n\r\n"
+    service = await start_ingress(
+        tmp_path, [{"name": "sbx", "endpoint": "127.0.0.1"}], max_header_bytes=2048
+    )
+    try:
+        got = await exchange(service, raw)
+    finally:
+        await service.stopService()
+    assert statuses(got) == [431]
+    assert error_code(got) == b"request_header_too_large"
