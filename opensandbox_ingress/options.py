@@ -55,7 +55,7 @@ class IngressOptions(usage.Options):
         ["renew-intent-queue-max-len", None, "0", "LTRIM the list to this length after each push; 0 = no cap."],
         ["renew-intent-min-interval", None, "60", "Seconds between two intents for the same sandbox."],
         ["sandboxes-file", None, None, "JSON/YAML file of sandboxes for --provider-type file."],
-        ["kubeconfig", None, None, "Path of a kubeconfig file (default: in-cluster, then KUBECONFIG, then ~/.kube/config)."],
+        ["kubeconfig", None, None, "Path of a kubeconfig file (default: $KUBECONFIG, then in-cluster, then ~/.kube/config)."],
         ["context", None, None, "Kubeconfig context to use."],
         ["upstream-connect-timeout", None, "10", "Seconds to connect to a sandbox."],
         ["idle-timeout", None, "300", "Seconds without any byte moving before a client or upstream connection is closed; 0 = never."],

@@ -5,12 +5,17 @@ backend receives.
 Pure functions of request bytes (SPEC section 2); no reactor, no registry.
 The one decision that needs the registry -- whether a URI-mode path with
 signature-shaped segments is signed -- is left to the caller through
-L{Route.for_sandbox} (L{Route.unsigned_fallback}, L{Route.secure_reading}).
+L{Route.for_sandbox} (L{Route.unsigned_fallback}).
+
+Both forms follow one rule, the Go ingress's (C{signature.ParseRouteToken}
+and C{parseURIRoute} in alibaba/OpenSandbox C{components/ingress}): a route
+is signed only when its port, expiry and signature segments are I{all}
+valid; otherwise the same text is read as an unsigned route.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ._compat import DATACLASS_SLOTS
 from .errors import RouteInvalid
@@ -34,16 +39,10 @@ class Route:
     @ivar signed: The signed segments, for a signed route.
     @ivar prefix: URI mode: the path prefix the route consumed (sent as
         C{X-Forwarded-Prefix}); empty in header mode.
-    @ivar unsigned_fallback: URI mode only: for a path whose segments look
-        signed, the unsigned reading of the same path, to be used when the
-        sandbox does not require secure access.
-    @ivar secure_reading: URI mode only: for a path whose fourth segment is
-        a signature but whose third is not a valid expiry (empty, uppercase,
-        leading zero, too long, beyond uint64), the signed reading of the
-        same path, to be used when the sandbox requires secure access, so
-        that the verifier answers 400 for the malformed expiry (SPEC 3)
-        instead of the route being taken as unsigned (401).  The route
-        itself is the unsigned reading.
+    @ivar unsigned_fallback: URI mode only: for a path whose segments are
+        a valid signature, the unsigned reading of the same path, to be used
+        when the sandbox does not require secure access (its path then keeps
+        the signature-shaped segments).
     """
 
     sandbox_id: str
@@ -52,18 +51,21 @@ class Route:
     signed: SignedPart | None = None
     prefix: bytes = b""
     unsigned_fallback: Route | None = None
-    secure_reading: Route | None = None
 
     def for_sandbox(self, requires_secure_access: bool) -> Route:
         """The reading of this route that applies to the resolved sandbox."""
-        if requires_secure_access:
-            return self.secure_reading if self.secure_reading is not None else self
-        if self.unsigned_fallback is not None:
+        if not requires_secure_access and self.unsigned_fallback is not None:
             return self.unsigned_fallback
         return self
 
 
 def _port(text: str, strict: bool) -> int | None:
+    """
+    A port segment: 1..65535 in ASCII digits.  C{strict} also refuses
+    leading zeros, as every port of a signed route and of a URI path must
+    (upstream C{signature.ParsePortSegment}); only the unsigned header/Host
+    token accepts C{08080}, as upstream's C{strconv.Atoi} fallback does.
+    """
     if not text.isascii() or not text.isdigit() or len(text) > _MAX_PORT_DIGITS:
         return None
     if strict and text[0] == "0":
@@ -128,20 +130,28 @@ def parse_token(token: str, path: bytes) -> Route:
     C{{id}-{port}-{expires_b36}-{signature}}) into a route forwarding
     C{path} unchanged.
 
-    @raise RouteInvalid: empty id, missing or invalid port.
+    The signed reading needs four or more segments whose last three are a
+    port without leading zeros, an expiry and a signature, and a non-empty
+    id; anything else is read unsigned (C{sb-08080-0-abcdef12k} has the
+    port C{abcdef12k}, so it is refused).
+
+    @raise RouteInvalid: empty id (or, unsigned, one starting with C{-}),
+        missing or invalid port.
     """
     segments = token.split("-")
     if len(segments) >= 4 and is_signature(segments[-1]) and is_expires_b36(
         segments[-2]
     ):
-        port = _port(segments[-3], strict=False)
+        port = _port(segments[-3], strict=True)
         sandbox_id = "-".join(segments[:-3])
         if port is not None and sandbox_id:
             return Route(
                 sandbox_id, port, path, signed=SignedPart(segments[-2], segments[-1])
             )
     sandbox_id, sep, port_text = token.rpartition("-")
-    if not sep or not sandbox_id:
+    # An id may contain '-' but not start with one: upstream's unsigned
+    # reading refuses an empty first segment (and no resource name has one).
+    if not sep or not sandbox_id or sandbox_id[0] == "-":
         raise RouteInvalid(f"routing token {token!r} is not <sandbox-id>-<port>")
     port = _port(port_text, strict=False)
     if port is None:
@@ -165,12 +175,12 @@ def parse_uri_route(uri: bytes) -> Route:
     C{/{id}/{port}/{expires}/{signature}/{rest}}); the backend receives
     C{/{rest}} and the original query.
 
-    A path whose third and fourth segments look signed yields the signed
-    route with the unsigned reading as L{Route.unsigned_fallback}.  One whose
-    fourth segment is a signature but whose third is not a valid expiry
-    yields the unsigned route with the signed reading as
-    L{Route.secure_reading}: a secure sandbox then gets 400 for the malformed
-    expiry (SPEC 3), any other sandbox the whole path (SPEC 2).
+    A path whose third and fourth segments are a valid expiry and signature
+    yields the signed route with the unsigned reading as
+    L{Route.unsigned_fallback}.  Segments that are not both valid (an
+    uppercase or zero-padded expiry, a short signature) are only path: the
+    route is unsigned, so a sandbox that requires secure access answers 401
+    without a credential, as upstream does (SPEC 2).
 
     @raise RouteInvalid: no id, or a port that is not 1..65535 without
         leading zeros.
@@ -193,23 +203,19 @@ def parse_uri_route(uri: bytes) -> Route:
     prefix = b"/" + parts[1] + b"/" + parts[2]
     rest = path[len(prefix) :] or b"/"
     unsigned = Route(sandbox_id, port, rest + suffix, prefix=prefix)
-    if len(parts) >= 5 and is_signature(parts[4].decode("latin-1")):
-        # Right to left, as OSEP-0011 parses: a signature in the fourth
-        # segment makes the path signed-shaped, whatever the third holds.
-        part = SignedPart(parts[3].decode("latin-1"), parts[4].decode("ascii"))
-        signed_prefix = prefix + b"/" + parts[3] + b"/" + parts[4]
-        signed_path = (path[len(signed_prefix) :] or b"/") + suffix
-        if is_expires_b36(part.expires_b36):
-            return Route(
-                sandbox_id,
-                port,
-                signed_path,
-                signed=part,
-                prefix=signed_prefix,
-                unsigned_fallback=unsigned,
-            )
-        # A malformed expiry: unsigned for an open sandbox (the segments are
-        # its path); for a secure one the verifier answers 400.
-        secure = Route(sandbox_id, port, signed_path, signed=part, prefix=signed_prefix)
-        return replace(unsigned, secure_reading=secure)
-    return unsigned
+    if len(parts) < 5:
+        return unsigned
+    # latin-1 never fails; a non-ASCII segment simply is not valid.
+    expires_b36 = parts[3].decode("latin-1")
+    signature = parts[4].decode("latin-1")
+    if not (is_expires_b36(expires_b36) and is_signature(signature)):
+        return unsigned
+    signed_prefix = prefix + b"/" + parts[3] + b"/" + parts[4]
+    return Route(
+        sandbox_id,
+        port,
+        (path[len(signed_prefix) :] or b"/") + suffix,
+        signed=SignedPart(expires_b36, signature),
+        prefix=signed_prefix,
+        unsigned_fallback=unsigned,
+    )

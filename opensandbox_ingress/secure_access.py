@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -124,7 +125,8 @@ def verify_signed_route(
 
     @raise VerifierNotConfigured: no keys are configured.
     @raise SignatureInvalid: the expires or signature segment is malformed.
-    @raise AccessExpired: C{now} is past the expiry.
+    @raise AccessExpired: C{now} is past the expiry second (a route stays
+        valid until that second ends: upstream compares whole Unix seconds).
     @raise Unauthorized: unknown key id or wrong signature.
     """
     if not keys:
@@ -135,7 +137,9 @@ def verify_signed_route(
         raise SignatureInvalid("malformed expires segment in signed route")
     if not is_signature(signed.signature):
         raise SignatureInvalid("malformed signature segment in signed route")
-    if now > int(signed.expires_b36, 36):
+    # Whole seconds, as upstream's time.Now().Unix() > expires: a float
+    # comparison would expire a route up to a second early.
+    if math.floor(now) > int(signed.expires_b36, 36):
         raise AccessExpired("signed route has expired")
     key_id = signed.signature[8]
     secret = keys.get(key_id)

@@ -533,20 +533,84 @@ async def test_kubeconfig_and_context_are_honoured(fake: FakeKubeAPI, tmp_path: 
     assert await sync_with(fake, load_api_client(str(path), "beta")) == "Bearer token-beta"
 
 
+def _service_account(directory: Path) -> dict[str, str]:
+    """Mount a pod's service account under C{directory}; the pod's environment."""
+    directory.mkdir()
+    (directory / "token").write_text("pod-token")
+    (directory / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    return {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+
+
 @pytest_twisted.ensureDeferred
-async def test_kubeconfig_env_and_in_cluster_precedence(fake: FakeKubeAPI, tmp_path: Path) -> None:
-    """$KUBECONFIG is used outside a cluster; an explicit --kubeconfig beats in-cluster."""
+async def test_kubeconfig_env_used_outside_a_cluster(fake: FakeKubeAPI, tmp_path: Path) -> None:
+    """$KUBECONFIG (a list; missing files skipped) is used outside a cluster."""
     path = write_kubeconfig(tmp_path / "config", fake.url, current="beta")
     environ = {"KUBECONFIG": f"{tmp_path / 'missing'}:{path}"}
-    client = load_api_client(environ=environ, service_account_dir=str(tmp_path / "none"))
+    client = load_api_client(
+        environ=environ,
+        service_account_dir=str(tmp_path / "none"),
+        default_kubeconfig=str(tmp_path / "none"),
+    )
     assert await sync_with(fake, client) == "Bearer token-beta"
+
+
+@pytest_twisted.ensureDeferred
+async def test_kubeconfig_env_beats_in_cluster(fake: FakeKubeAPI, tmp_path: Path) -> None:
+    """In a pod, a $KUBECONFIG set on purpose wins over the service account
+    (client-go's order, which the Go ingress follows)."""
+    path = write_kubeconfig(tmp_path / "config", fake.url, current="beta")
     account = tmp_path / "sa"
-    account.mkdir()
-    (account / "token").write_text("pod-token")
-    (account / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
-    pod_env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443", **environ}
+    pod_env = {**_service_account(account), "KUBECONFIG": str(path)}
+    client = load_api_client(environ=pod_env, service_account_dir=str(account))
+    assert await sync_with(fake, client) == "Bearer token-beta"
+    # --context applies to the $KUBECONFIG file too.
+    client = load_api_client(context="alpha", environ=pod_env, service_account_dir=str(account))
+    assert await sync_with(fake, client) == "Bearer token-alpha"
+
+
+@pytest_twisted.ensureDeferred
+async def test_explicit_kubeconfig_beats_env_and_in_cluster(
+    fake: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """--kubeconfig wins over $KUBECONFIG and over the service account."""
+    path = write_kubeconfig(tmp_path / "config", fake.url, current="beta")
+    account = tmp_path / "sa"
+    pod_env = {**_service_account(account), "KUBECONFIG": str(tmp_path / "elsewhere")}
     explicit = load_api_client(str(path), environ=pod_env, service_account_dir=str(account))
     assert await sync_with(fake, explicit) == "Bearer token-beta"
+
+
+def test_in_cluster_beats_default_kubeconfig(fake: FakeKubeAPI, tmp_path: Path) -> None:
+    """In a pod without $KUBECONFIG (empty counts as unset), the service account
+    wins over ~/.kube/config."""
+    default = write_kubeconfig(tmp_path / "config", fake.url)
+    account = tmp_path / "sa"
+    pod_env = {**_service_account(account), "KUBECONFIG": ""}
+    client = load_api_client(
+        environ=pod_env, service_account_dir=str(account), default_kubeconfig=str(default)
+    )
+    assert client.configuration.host == "https://10.96.0.1:443"
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_kubeconfig_last(fake: FakeKubeAPI, tmp_path: Path) -> None:
+    """~/.kube/config is used outside a pod without $KUBECONFIG, and in a pod when
+    --context asks for a kubeconfig context (the service account has none)."""
+    default = write_kubeconfig(tmp_path / "config", fake.url)
+    client = load_api_client(
+        environ={}, service_account_dir=str(tmp_path / "none"), default_kubeconfig=str(default)
+    )
+    assert await sync_with(fake, client) == "Bearer token-alpha"
+    account = tmp_path / "sa"
+    pod_env = _service_account(account)
+    client = load_api_client(
+        context="beta",
+        environ=pod_env,
+        service_account_dir=str(account),
+        default_kubeconfig=str(default),
+    )
+    assert await sync_with(fake, client) == "Bearer token-beta"
 
 
 def test_in_cluster_service_account(tmp_path: Path) -> None:
@@ -595,13 +659,33 @@ def test_missing_configuration_is_one_clear_line(tmp_path: Path) -> None:
     """No file, no cluster: the error says what was tried."""
     text = one_line_error("kubeconfig", lambda: load_api_client(str(tmp_path / "nope")))
     assert "no such file" in text
+    # $KUBECONFIG set on purpose but wrong: an error, not a silent fallback.
     text = one_line_error(
         "kubeconfig",
         lambda: load_api_client(
             environ={"KUBECONFIG": str(tmp_path / "nope")}, service_account_dir=str(tmp_path)
         ),
     )
-    assert "not running in a pod" in text
+    assert "$KUBECONFIG" in text and "no such file" in text
+    text = one_line_error(
+        "kubeconfig",
+        lambda: load_api_client(
+            environ={},
+            service_account_dir=str(tmp_path),
+            default_kubeconfig=str(tmp_path / "nope"),
+        ),
+    )
+    assert "not running in a pod" in text and str(tmp_path / "nope") in text
+    text = one_line_error(
+        "kubeconfig",
+        lambda: load_api_client(
+            context="alpha",
+            environ={},
+            service_account_dir=str(tmp_path),
+            default_kubeconfig=str(tmp_path / "nope"),
+        ),
+    )
+    assert "--context" in text
 
 
 def test_unknown_context_names_the_known_ones(fake: FakeKubeAPI, tmp_path: Path) -> None:

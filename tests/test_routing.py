@@ -115,6 +115,14 @@ def test_parse_token_unsigned(token: str, sandbox_id: str, port: int) -> None:
         "sb-abc-x2qxvk-614adedea",
         # Signed-looking with an empty id.
         "-8080-x2qxvk-614adedea",
+        # An unsigned id never starts with '-' (upstream: empty first segment).
+        "-a-8080",
+        "--8080",
+        # A signed port never has leading zeros: read unsigned, whose port
+        # is then the signature (upstream TestParseRouteToken_LeadingZeroPort).
+        "sb-08080-0-abcdef12k",
+        "sb-08080-x2qxvk-614adedea",
+        "sb-00080-x2qxvk-614adedea",
     ],
 )
 def test_parse_token_rejects(token: str) -> None:
@@ -307,14 +315,21 @@ def test_parse_uri_route_signed_paths(uri: bytes, signed_path: bytes, fallback_p
         b"/sb/80/x2qxvk/614adedea0",
         b"/sb/80/x2qxvk",
         b"/sb/80/\xc3\xa9/614adedea",
+        b"/sb/80//614adedea",
+        b"/sb/80/x2qxvk/614adede",
+        b"/sb/80/x2qxvk/\xc3\xa9",
+        # Issue 16's example: an uppercase expiry before a valid signature.
+        b"/sb/80/ABC/aabbccddk/x",
     ],
 )
 def test_parse_uri_route_lookalikes_are_unsigned(uri: bytes) -> None:
-    """Segments that are not exactly expires/signature-shaped stay in an unsigned path."""
+    """Segments that are not all valid stay in an unsigned path, for every sandbox."""
     route = parse_uri_route(uri)
     assert route.signed is None
     assert route.unsigned_fallback is None
     assert route.path == uri[len(b"/sb/80") :]
+    assert route.for_sandbox(True) is route
+    assert route.for_sandbox(False) is route
 
 
 def test_for_sandbox_without_fallback_is_identity() -> None:
@@ -335,7 +350,11 @@ _ports = st.integers(min_value=1, max_value=65535)
 _segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._~%", max_size=12)
 
 
-@given(sandbox_id=_ids, port=_ports, domain=st.sampled_from(["", ".example.com", ".a.b:443"]))
+@given(
+    sandbox_id=_ids.filter(lambda s: not s.startswith("-")),
+    port=_ports,
+    domain=st.sampled_from(["", ".example.com", ".a.b:443"]),
+)
 def test_unsigned_token_round_trip(sandbox_id: str, port: int, domain: str) -> None:
     """Any id (with '-') and port survive a trip through the Host header."""
     host = f"{sandbox_id}-{port}{domain}".encode()

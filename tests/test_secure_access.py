@@ -172,7 +172,7 @@ def test_sign_then_verify(
         (KEYS, "sb", 8080, SignedPart("x2qxvk", "614adede"), NOW, SignatureInvalid),
         (KEYS, "sb", 8080, SignedPart("x2qxvk", "614ADEDEa"), NOW, SignatureInvalid),
         (KEYS, "sb", 8080, EXAMPLE, EXPIRES + 1, AccessExpired),
-        (KEYS, "sb", 8080, EXAMPLE, EXPIRES + 0.5, AccessExpired),
+        (KEYS, "sb", 8080, EXAMPLE, EXPIRES + 1.5, AccessExpired),
         (KEYS, "sb", 8080, SignedPart("x2qxvk", "614adedeb"), NOW, Unauthorized),
         ({"b": b"k"}, "sb", 8080, EXAMPLE, NOW, Unauthorized),
         ({"a": b"other"}, "sb", 8080, EXAMPLE, NOW, Unauthorized),
@@ -197,8 +197,11 @@ def test_verify_signed_route_rejects(
 
 
 def test_verify_signed_route_expiry_is_inclusive() -> None:
-    """A route is still valid at exactly its expiry second."""
+    """A route is still valid throughout its expiry second, and expired after it."""
     verify_signed_route(KEYS, "sb", 8080, EXAMPLE, float(EXPIRES))
+    verify_signed_route(KEYS, "sb", 8080, EXAMPLE, EXPIRES + 0.999)
+    with pytest.raises(AccessExpired):
+        verify_signed_route(KEYS, "sb", 8080, EXAMPLE, EXPIRES + 1.0)
 
 
 def test_key_rotation() -> None:

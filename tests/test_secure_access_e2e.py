@@ -14,12 +14,10 @@ Statuses observed where the SPEC leaves the code open:
 - a malformed expiry or signature in host/header form is answered 400
   C{route_invalid}: the token's last three segments are not all valid, so
   it is read unsigned (SPEC 2), and a signature is never a valid port;
-- a malformed expiry in URI form (fourth segment a signature) is answered
-  400 C{signature_invalid} by the verifier for a secure sandbox, after the
-  keys check (no keys: 503);
-- a malformed signature in URI form does not make the path signed (SPEC 2:
-  only paths that look signed are), so a secure sandbox answers 401
-  C{unauthorized} and an open one gets the whole path.
+- a malformed expiry or signature in URI form does not make the path
+  signed either (SPEC 2: segments 2-4 must all be valid, as upstream's
+  C{parseURIRoute} requires), so a secure sandbox answers 401
+  C{unauthorized} without a credential and an open one gets the whole path.
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ from zope.interface import implementer
 
 from opensandbox_ingress import IngressService
 from opensandbox_ingress.config import ConfigError, parse_secure_access_keys
-from opensandbox_ingress.errors import AccessExpired, SignatureInvalid, Unauthorized
+from opensandbox_ingress.errors import AccessExpired, Unauthorized
 from opensandbox_ingress.routing import Route, parse_header_route, parse_token, parse_uri_route
 from opensandbox_ingress.secure_access import (
     SignedPart,
@@ -150,20 +148,18 @@ def test_worked_example_literals() -> None:
     "expires",
     ["0x2qxvk", "X2QXVK", "3w5e11264sgsg", "00000000000001", "", "x2q%2F"],
 )
-def test_uri_malformed_expiry_is_signed_only_for_secure_sandboxes(expires: str) -> None:
-    """A signature in segment four with a malformed expiry in segment three: the secure
-    reading fails verification with 400; the open reading keeps the whole path."""
+def test_uri_malformed_expiry_is_an_unsigned_path(expires: str) -> None:
+    """A signature in segment four with a malformed expiry in segment three is not
+    a signed route for any sandbox: a secure one needs a credential (401 without),
+    every sandbox is forwarded the whole path."""
     route = parse_uri_route(f"/sb/80/{expires}/614adedea/p?q".encode())
     assert route.signed is None and route.path == f"/{expires}/614adedea/p?q".encode()
     assert route.for_sandbox(False) is route
-    secure = route.for_sandbox(True)
-    assert secure.signed == SignedPart(expires, "614adedea")
-    assert secure.path == b"/p?q"
-    assert secure.prefix == f"/sb/80/{expires}/614adedea".encode()
-    with pytest.raises(SignatureInvalid):
-        check_access("T", None, dict(KEYS), "sb", 80, secure.signed, now=NOW)
-    # A present header still decides first.
-    check_access("T", [b"T"], dict(KEYS), "sb", 80, secure.signed, now=NOW)
+    assert route.for_sandbox(True) is route
+    with pytest.raises(Unauthorized):
+        check_access("T", None, dict(KEYS), "sb", 80, route.signed, now=NOW)
+    # A present header still decides alone.
+    check_access("T", [b"T"], dict(KEYS), "sb", 80, route.signed, now=NOW)
 
 
 # -- log capture -------------------------------------------------------------------
@@ -288,7 +284,6 @@ class Case:
 UNAUTHORIZED = (401, "unauthorized")
 EXPIRED = (401, "access_expired")
 ROUTE_INVALID = (400, "route_invalid")
-SIGNATURE_INVALID = (400, "signature_invalid")
 NO_VERIFIER = (503, "verifier_not_configured")
 
 VALID_A = signed(SECRET_A, "a", WORKED_EXPIRES)
@@ -338,28 +333,28 @@ CASES = [
         SECURE,
         forged("0" + GOOD_B36),
         expect=ROUTE_INVALID,
-        uri_expect=SIGNATURE_INVALID,
+        uri_expect=UNAUTHORIZED,
     ),
     Case(
         "expires-uppercase",
         SECURE,
         forged(GOOD_B36.upper()),
         expect=ROUTE_INVALID,
-        uri_expect=SIGNATURE_INVALID,
+        uri_expect=UNAUTHORIZED,
     ),
     Case(
         "expires-over-uint64",
         SECURE,
         forged("3w5e11264sgsg"),
         expect=ROUTE_INVALID,
-        uri_expect=SIGNATURE_INVALID,
+        uri_expect=UNAUTHORIZED,
     ),
     Case(
         "expires-14-chars",
         SECURE,
         forged(GOOD_B36.rjust(14, "1")),
         expect=ROUTE_INVALID,
-        uri_expect=SIGNATURE_INVALID,
+        uri_expect=UNAUTHORIZED,
     ),
     Case(
         "signature-uppercase-key-id",
@@ -390,7 +385,7 @@ CASES = [
         forged("0" + GOOD_B36),
         keys=False,
         expect=ROUTE_INVALID,
-        uri_expect=NO_VERIFIER,
+        uri_expect=UNAUTHORIZED,
     ),
     # 3. Else 401.
     Case("no-credential", SECURE, expect=UNAUTHORIZED),

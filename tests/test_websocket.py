@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 
 from opensandbox_ingress import IngressService
 from opensandbox_ingress.web.websocket import (
+    COLLECT_LIMIT,
     WebSocketHandshakeInvalid,
     backend_header_lines,
     check_client_handshake,
@@ -834,3 +835,66 @@ async def test_never_reading_client_does_not_grow_ingress_memory(
         timeout=60,
         what="the whole stream delivered",
     )
+
+
+# -- one frame per message -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_frame_messages_arrive_as_one_frame_both_ways(
+    ingress: IngressService, ws_backend: WsBackend
+) -> None:
+    """
+    A message its sender wrote as one frame (up to the collect limit,
+    empty and text included) reaches the other peer as exactly one final
+    frame; a larger one is streamed, and ends with an empty final frame.
+    """
+    ws_backend.echo = False
+    client, backend = await _open(ingress, ws_backend)
+    small = [b"", b"x", os.urandom(1024), os.urandom(COLLECT_LIMIT)]
+    for payload in small:
+        client.sendMessage(payload, isBinary=True)
+        backend.sendMessage(payload, isBinary=True)
+    client.sendMessage("héllo".encode(), isBinary=False)
+    large = os.urandom(COLLECT_LIMIT + 1)
+    client.sendMessage(large, isBinary=True)
+    await wait_until(lambda: len(backend.messages) == 6, what="backend messages")
+    await wait_until(lambda: len(client.messages) == 4, what="client messages")
+    for received in (backend.messages[:4], client.messages):
+        assert [m.payload for m in received] == small
+        assert [m.frames for m in received] == [[len(p)] for p in small]
+    text = backend.messages[4]
+    assert (text.binary, text.payload, text.frames) == (False, "héllo".encode(), [6])
+    assert backend.messages[5].payload == large
+    assert backend.messages[5].frames == [len(large), 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_while_a_small_message_is_collected_delivers_it_then_closes(
+    tmp_path: Path, ws_backend: WsBackend
+) -> None:
+    """A close that arrives while a one-frame message is half received waits for it."""
+    ws_backend.echo = False
+    service = await _ingress(tmp_path)
+    client, backend = await _open(service, ws_backend)
+    payload = os.urandom(64 * 1024)
+    # One final frame as Autobahn writes it; half of it now, the rest later.
+    written: list[bytes] = []
+    client.sendData = lambda data, sync=False, chopsize=None: written.append(data)
+    client.sendMessage(payload, isBinary=True)
+    del client.sendData
+    frame = b"".join(written)
+    client.transport.write(frame[: len(frame) // 2])
+    # The client must not read (and answer) the ingress's close before its
+    # frame is whole: Autobahn would write that answer inside it.
+    client.transport.pauseProducing()
+    session = next(iter(service.core.websocket.sessions))
+    await wait_until(lambda: session.client.collecting, what="half the message collected")
+    stopping = service.stopService()
+    await wait_until(lambda: session.backend.pending_close is not None, what="close held")
+    client.transport.write(frame[len(frame) // 2 :])
+    client.transport.resumeProducing()
+    await stopping
+    await wait_until(lambda: backend.closed, timeout=15, what="backend closed")
+    assert backend.closed[1] == 1001
+    assert [m.payload for m in backend.messages] == [payload]

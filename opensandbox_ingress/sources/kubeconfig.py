@@ -1,9 +1,19 @@
 """
 Kubernetes client configuration for the watch sources (SPEC section 5).
 
-Order: an explicit C{--kubeconfig} or C{--context} wins; otherwise the
-in-cluster service account when the process runs in a pod; otherwise
-C{$KUBECONFIG} (which may list several files) or C{~/.kube/config}.
+Order, the Go ingress's (knative's C{injection.ParseAndGetRESTConfigOrDie},
+whose C{--kubeconfig} defaults to C{$KUBECONFIG}):
+
+1. an explicit C{--kubeconfig};
+2. C{$KUBECONFIG} when set and non-empty (it may list several files, merged
+   as C{kubectl} does);
+3. the in-cluster service account, when the process runs in a pod and no
+   C{--context} was given (a context names a kubeconfig entry, so it always
+   selects a kubeconfig);
+4. C{~/.kube/config}.
+
+So a pod that sets C{KUBECONFIG} on purpose (to reach another cluster, or
+with a token of its own) gets that configuration, not its service account.
 
 Each call builds a fresh C{Configuration} and C{ApiClient}: the client's
 process-wide default configuration is never read nor mutated, so two
@@ -93,16 +103,14 @@ def _context_names(path: str) -> tuple[list[str], str | None]:
     return names, current if isinstance(current, str) and current else None
 
 
-def _load_kubeconfig(path: str, context: str | None, explicit: bool) -> ApiClient:
+def _load_kubeconfig(path: str, context: str | None, missing: str) -> ApiClient:
+    """
+    Load the kubeconfig file(s) C{path}; C{missing} is the one-line
+    reason given when none of its files exists.
+    """
     files = [os.path.expanduser(p) for p in path.split(ENV_KUBECONFIG_PATH_SEPARATOR) if p]
     if not any(os.path.exists(f) for f in files):
-        if explicit:
-            raise ConfigError("kubeconfig", f"{path}: no such file")
-        raise ConfigError(
-            "kubeconfig",
-            f"no Kubernetes configuration: not running in a pod "
-            f"({SERVICE_HOST_ENV_NAME} unset) and {path} does not exist",
-        )
+        raise ConfigError("kubeconfig", missing)
     try:
         names, current = _context_names(path)
     except Exception as e:
@@ -137,22 +145,40 @@ def load_api_client(
     *,
     environ: Mapping[str, str] = os.environ,
     service_account_dir: str = SERVICE_ACCOUNT_DIR,
+    default_kubeconfig: str = DEFAULT_KUBECONFIG,
 ) -> ApiClient:
     """
-    Build a new C{ApiClient} for one source.
+    Build a new C{ApiClient} for one source, from the first of: C{--kubeconfig},
+    C{$KUBECONFIG}, the in-cluster service account (unless C{--context}
+    was given), C{~/.kube/config}.
 
     @param kubeconfig: C{--kubeconfig}: a kubeconfig path (or several,
-        separated like C{$KUBECONFIG}); wins over the in-cluster account.
+        separated like C{$KUBECONFIG}); wins over everything else.
     @param context: C{--context}: the kubeconfig context to use instead of
-        its C{current-context}; also selects kubeconfig over in-cluster.
+        its C{current-context}; it applies to whichever kubeconfig is used
+        and rules out the in-cluster account, which has no contexts.
     @param environ: Where to read C{KUBECONFIG} and
         C{KUBERNETES_SERVICE_HOST/PORT} (tests pass their own).
     @param service_account_dir: Where the pod's token and CA live.
+    @param default_kubeconfig: The last resort (tests pass their own).
     @raise ConfigError: configuration missing, unreadable or invalid.
     """
-    if kubeconfig is None and context is None and in_cluster(environ, service_account_dir):
-        return _load_in_cluster(environ, service_account_dir)
     if kubeconfig is not None:
-        return _load_kubeconfig(kubeconfig, context, explicit=True)
-    path = environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
-    return _load_kubeconfig(path, context, explicit=False)
+        return _load_kubeconfig(kubeconfig, context, f"{kubeconfig}: no such file")
+    # Empty counts as unset, as in client-go's loading rules.
+    from_env = environ.get("KUBECONFIG")
+    if from_env:
+        return _load_kubeconfig(from_env, context, f"$KUBECONFIG ({from_env}): no such file")
+    if context is None and in_cluster(environ, service_account_dir):
+        return _load_in_cluster(environ, service_account_dir)
+    if context is not None:
+        missing = (
+            f"--context given but $KUBECONFIG is unset and {default_kubeconfig} does not exist"
+        )
+    else:
+        missing = (
+            f"no Kubernetes configuration: $KUBECONFIG unset, not running in a pod "
+            f"({SERVICE_HOST_ENV_NAME} unset or no service account token) "
+            f"and {default_kubeconfig} does not exist"
+        )
+    return _load_kubeconfig(default_kubeconfig, context, missing)

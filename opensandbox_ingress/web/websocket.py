@@ -21,15 +21,17 @@ C{twisted.web} request, so every failure before the upgrade is rendered by
 the one error renderer (L{render_error}).  Only on the backend's 101 is the
 connection taken over (L{_take_over}).
 
-Frames are relayed as they arrive with Autobahn's frame-level API
-(C{onMessageFrameBegin}/C{onMessageFrameData} -> C{beginMessageFrame}/
-C{sendMessageFrameData}); no message is ever assembled, so there is no size
-cap and memory per session is bounded by socket buffers.  The price is that
-every relayed message ends with an empty final continuation frame (Autobahn's
-streaming API cannot set FIN on a data-carrying frame); message boundaries
-and each fragment's payload are kept, which is what RFC 6455 section 5.4
-lets an intermediary change.  No compression extension is negotiated on
-either hop, so frames pass without being inflated.
+Frames are relayed with Autobahn's frame-level API (C{onMessageFrameBegin}/
+C{onMessageFrameData}); no message is ever assembled beyond
+L{COLLECT_LIMIT}, so there is no size cap and memory per session is bounded.
+A message its sender wrote as one frame of at most L{COLLECT_LIMIT} bytes is
+collected and sent on as one frame.  Anything else is streamed as it arrives
+(C{beginMessageFrame}/C{sendMessageFrameData}), and ends with an empty final
+continuation frame (Autobahn's streaming API cannot set FIN on a
+data-carrying frame); message boundaries and each fragment's payload are
+kept, which is what RFC 6455 section 5.4 lets an intermediary change.  No
+compression extension is negotiated on either hop, so frames pass without
+being inflated.
 
 Control frames go between data frames, never inside one: a frame relayed in
 pieces holds back the pings and pongs Autobahn would write at once (and a
@@ -98,6 +100,9 @@ CLOSE_HANDSHAKE_TIMEOUT_S = 10.0
 
 #: Close code and reason sent to both peers when the ingress drains.
 GOING_AWAY = 1001
+#: A single-frame message up to this size is collected and relayed as one
+#: frame; larger ones are streamed (bounds memory per session and direction).
+COLLECT_LIMIT = 128 * 1024
 #: WebSocket control frame opcodes (RFC 6455 section 11.8).
 OPCODE_PING, OPCODE_PONG = 0x9, 0xA
 DRAIN_REASON = "ingress shutting down"
@@ -357,21 +362,48 @@ class _Hop:
     received_at_ping = 0
     _pong_deadline: Any = None  # IDelayedCall
     _linger: Any = None  # IDelayedCall
+    #: The type of the message arriving from this hop's peer.
+    message_binary = False
+    #: Whether that message is being streamed to the partner (begun there).
+    streaming = False
+    #: The payload so far of a single-frame message of at most
+    #: L{COLLECT_LIMIT} bytes, which goes on as one final frame.
+    collecting: list[bytes] | None = None
+
+    # A message that is one frame (FIN set on its first frame) of at most
+    # COLLECT_LIMIT bytes is collected and sent on as one final frame, as
+    # its sender sent it.  Anything else is streamed frame by frame as it
+    # arrives (Autobahn's streaming API cannot set FIN on a data frame, so
+    # such a message ends with an empty final frame); the sender's
+    # fragmentation is kept.
 
     def onMessageBegin(self, isBinary: bool) -> None:
-        peer = self.partner
-        if peer is not None:
-            peer.beginMessage(isBinary)
+        self.message_binary = isBinary
+        self.streaming = False
 
     def onMessageFrameBegin(self, length: int) -> None:
         self.session.frame_relayed(self.upstream_bound)
+        if (
+            not self.streaming
+            and length <= COLLECT_LIMIT
+            and self.current_frame.fin  # type: ignore[attr-defined]
+        ):
+            self.collecting = []
+            return
         peer = self.partner
         if peer is not None:
+            if not self.streaming:
+                peer.beginMessage(self.message_binary)
             peer.beginMessageFrame(length)
+        self.streaming = True
 
     def onMessageFrameData(self, payload: bytes) -> None:
         self.received += len(payload)
         self.session.count(self.upstream_bound, len(payload))
+        collecting = self.collecting
+        if collecting is not None:
+            collecting.append(payload)
+            return
         peer = self.partner
         if peer is not None:
             peer.sendMessageFrameData(payload)
@@ -384,8 +416,12 @@ class _Hop:
 
     def onMessageEnd(self) -> None:
         peer = self.partner
+        collecting, self.collecting = self.collecting, None
         if peer is not None:
-            peer.endMessage()
+            if collecting is not None:
+                peer.sendMessage(b"".join(collecting), self.message_binary)
+            else:
+                peer.endMessage()
             self._flush_peer_close()
 
     def _flush_peer_close(self) -> None:
@@ -528,7 +564,13 @@ class _Hop:
         """
         if self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
             return
-        if self.send_state == self.SEND_STATE_INSIDE_MESSAGE_FRAME:  # type: ignore[attr-defined]
+        partner = self.partner
+        if (
+            self.send_state == self.SEND_STATE_INSIDE_MESSAGE_FRAME  # type: ignore[attr-defined]
+            or (partner is not None and partner.collecting is not None)
+        ):
+            # A frame half written, or a message being collected, for this
+            # peer: the close follows it.
             self.pending_close = (code, reason)
         else:
             self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)  # type: ignore[attr-defined]
