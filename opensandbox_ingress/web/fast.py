@@ -620,7 +620,9 @@ class FastChannel(Protocol):
         self._update_reading()
         if self._events:
             self._process()
-        if self._buf and self._exchange is None and not self._closing:
+        if self._buf and not self._closing and (self._exchange is None or self._in_body):
+            # Bytes that waited behind the response: the next request, or
+            # the rest of the body of one the queued events just started.
             buf, self._buf = self._buf, b""
             self._feed(buf)
         if self._exchange is None and self._delegate is None:
