@@ -620,13 +620,17 @@ class FastChannel(Protocol):
         self._update_reading()
         if self._events:
             self._process()
-        if self._buf and not self._closing and (self._exchange is None or self._in_body):
+        if self._buf and not self._closing and self._may_frame():
             # Bytes that waited behind the response: the next request, or
             # the rest of the body of one the queued events just started.
             buf, self._buf = self._buf, b""
             self._feed(buf)
         if self._exchange is None and self._delegate is None:
             self._arm()
+
+    def _may_frame(self) -> bool:
+        """Whether bytes may be framed now: no exchange, or its body is arriving."""
+        return self._exchange is None or self._in_body
 
     def close_when_idle(self) -> None:
         """Drain: close now if no response is in flight, else after it."""
