@@ -189,6 +189,16 @@ def framing_error(status: int, reason: str) -> IngressError:
     return _FRAMING_ERRORS.get(status, RequestInvalid)(reason)
 
 
+class ClientTimeout(IngressError):
+    """
+    The client stopped sending its request body for the idle timeout while
+    the backend waited for it (408): the client's fault, not the sandbox's.
+    """
+
+    status = 408
+    code = "client_timeout"
+
+
 class WebSocketUpstreamUnreachable(IngressError):
     """The backend WebSocket could not be reached (503, as upstream does)."""
 

@@ -59,8 +59,10 @@ MAX_BATCH = 1000
 #: hundred bytes each); read when a publisher is made, so tests may lower it.
 DEFAULT_QUEUE_SIZE = 10000
 #: First and largest delay, in seconds, between two attempts while Redis fails.
+#: The cap bounds how long intents wait once Redis is back (an attempt is
+#: one refused or timed-out connect, cheap enough every few seconds).
 RETRY_INITIAL_S = 0.5
-RETRY_MAX_S = 30.0
+RETRY_MAX_S = 5.0
 #: Seconds between two log lines about the same ongoing problem
 #: (Redis down, queue overflowing).
 LOG_INTERVAL_S = 30.0
@@ -188,12 +190,21 @@ class RenewThrottle:
         self._last.move_to_end(sandbox_id)
         return True
 
-    def forget(self, sandbox_id: str) -> None:
+    def admitted_at(self, sandbox_id: str) -> float | None:
+        """When C{sandbox_id} was last admitted (throttle clock), if remembered."""
+        return self._last.get(sandbox_id)
+
+    def forget(self, sandbox_id: str, admitted_at: float | None = None) -> None:
         """
-        Undo the admission of C{sandbox_id} (its intent could not even be
-        queued), so the next offer for it is admitted.
+        Undo the admission of C{sandbox_id} (its intent was dropped), so the
+        next offer for it is admitted.
+
+        @param admitted_at: undo only the admission made at that time (as
+            L{admitted_at} reported it); a later admission, whose intent may
+            still be on its way, is kept.  C{None} undoes whatever is there.
         """
-        self._last.pop(sandbox_id, None)
+        if admitted_at is None or self._last.get(sandbox_id) == admitted_at:
+            self._last.pop(sandbox_id, None)
 
     def _evict(self, now: float) -> None:
         last = self._last
@@ -267,8 +278,10 @@ class RenewStats:
         return asdict(self)
 
 
-# An intent waiting in the queue: sandbox id, Unix time observed, port, URI.
-_Intent = tuple[str, float, int, str]
+# An intent waiting in the queue: sandbox id, Unix time observed, port, URI,
+# and the throttle time of its admission (to release exactly that admission
+# if the intent is lost; None when the throttle keeps no state).
+_Intent = tuple[str, float, int, str, float | None]
 
 
 class RenewIntentPublisher(Service):
@@ -395,7 +408,13 @@ class RenewIntentPublisher(Service):
             if not self._throttle.admit(sandbox_id):
                 stats.throttled += 1
                 return
-            intent: _Intent = (sandbox_id, time.time(), port, request_uri.partition("?")[0])
+            intent: _Intent = (
+                sandbox_id,
+                time.time(),
+                port,
+                request_uri.partition("?")[0],
+                self._throttle.admitted_at(sandbox_id),
+            )
             with self._cond:
                 full = len(self._queue) >= self._queue_size
                 if not full:
@@ -495,6 +514,17 @@ class RenewIntentPublisher(Service):
             if not d.called:
                 d.callback(None)
 
+    def _release(self, admissions: list[tuple[str, float | None]]) -> None:
+        """
+        Reactor thread: the intents of a failed batch are lost, so their
+        sandboxes are no longer charged to the throttle; the next request
+        for each queues a fresh intent, delivered once Redis is back,
+        rather than waiting out the interval (as a full queue already does).
+        """
+        for sandbox_id, admitted_at in admissions:
+            if admitted_at is not None:
+                self._throttle.forget(sandbox_id, admitted_at)
+
     def _from_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         # Log lines and completion move to the reactor thread, which owns
         # logging and Deferreds.
@@ -527,6 +557,7 @@ class RenewIntentPublisher(Service):
             self._publish(client, batch, retry_stale=health.healthy)
         except Exception as e:  # whatever it is: drop the batch, back off, go on
             self.stats.failed += len(batch)
+            self._from_thread(self._release, [(intent[0], intent[4]) for intent in batch])
             suppressed = health.failed()
             if suppressed is not None:
                 self._from_thread(
@@ -571,7 +602,7 @@ class RenewIntentPublisher(Service):
         return [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
 
     def _publish(self, client: redis.Redis, batch: Sequence[_Intent], retry_stale: bool) -> None:
-        payloads = [intent_payload(*intent) for intent in batch]
+        payloads = [intent_payload(*intent[:4]) for intent in batch]
         try:
             self._send(client, payloads)
         except redis.exceptions.ConnectionError:

@@ -189,6 +189,22 @@ def test_throttle_forgets_on_request() -> None:
     assert throttle.admit("a")
 
 
+def test_throttle_forget_keeps_a_later_admission() -> None:
+    """Forgetting a given admission leaves a newer one (whose intent may be in flight) charged."""
+    clock = Clock()
+    throttle = RenewThrottle(10, clock)
+    assert throttle.admit("a")
+    first = throttle.admitted_at("a")
+    assert first == 0.0
+    clock.advance(10)
+    assert throttle.admit("a")
+    throttle.forget("a", first)
+    assert not throttle.admit("a")
+    throttle.forget("a", throttle.admitted_at("a"))
+    assert throttle.admit("a")
+    assert throttle.admitted_at("never-seen") is None
+
+
 def test_throttle_admits_when_the_clock_goes_back() -> None:
     """A wall clock set back does not silence a sandbox for the size of the jump."""
     now = [1000.0]
@@ -416,6 +432,71 @@ async def test_redis_down_then_back(redis_server: RedisServer) -> None:  # noqa:
     warnings = [formatEvent(e) for e in events if "cannot publish renew intents" in formatEvent(e)]
     assert 1 <= len(warnings) <= 3, warnings
     assert any("again" in formatEvent(e) for e in events)
+
+
+def throttled_until_released(publisher: RenewIntentPublisher, sandbox_id: str) -> Callable[[], bool]:
+    """A predicate: the throttle no longer holds C{sandbox_id} (its intent was released)."""
+    return lambda: publisher.throttle.admitted_at(sandbox_id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_batch_releases_the_throttle() -> None:
+    """
+    An intent lost to a Redis failure no longer charges its sandbox: with
+    the throttle's clock frozen inside the interval, the next offer is
+    admitted and queued again (as after a full queue).
+    """
+    clock = Clock()
+    publisher = RenewIntentPublisher(
+        reactor, config_for(f"redis://127.0.0.1:{free_port()}/0", min_interval_s=60), clock=clock
+    )
+    publisher.retry_initial_s = 30.0  # one attempt, then a long backoff: the retry stays queued
+    async with running(publisher):
+        publisher.offer("sb", 80, "")
+        publisher.offer("sb", 80, "")  # throttled: the first is in flight
+        await wait_for(lambda: publisher.stats.failed == 1, "the refused attempt")
+        await wait_for(throttled_until_released(publisher, "sb"), "the release")
+        publisher.offer("sb", 80, "")
+        assert publisher.stats.throttled == 1
+        assert publisher.queued == 1
+        publisher.offer("sb", 80, "")  # the queued one charges the throttle again
+        assert publisher.stats.throttled == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_sandbox_busy_during_an_outage_is_renewed_after_it(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """
+    Redis stopped while ten sandboxes have traffic, then restarted: each of
+    them gets an intent within seconds, although the throttle's clock never
+    leaves the interval in which their lost intents were admitted.
+    """
+    clock = Clock()
+    publisher = fast_retries(
+        RenewIntentPublisher(reactor, config_for(redis_server.url, min_interval_s=60), clock=clock)
+    )
+    names = [f"busy-{i}" for i in range(10)]
+    async with running(publisher):
+        publisher.offer("warm", 80, "")
+        await wait_for(published(publisher, 1), "the intent before the outage")
+        redis_server.stop()
+        for name in names:
+            publisher.offer(name, 80, "")
+        await wait_for(lambda: publisher.stats.failed >= len(names), "the lost intents")
+        redis_server.start()
+        restarted = time.monotonic()
+
+        def all_listed() -> bool:
+            # Live traffic keeps offering; only a released throttle lets it through.
+            for name in names:
+                publisher.offer(name, 80, "")
+            return {i["sandbox_id"] for i in listed(redis_server)} >= set(names)
+
+        await wait_for(all_listed, "an intent for every busy sandbox", timeout=10)
+    assert time.monotonic() - restarted < 5.0
+    # One intent each since the restart: the throttle still holds after delivery.
+    assert sorted(i["sandbox_id"] for i in listed(redis_server)) == sorted(names)
 
 
 @pytest_twisted.ensureDeferred

@@ -456,7 +456,7 @@ async def test_redis_restarted_intents_flow_again(
     log_events: list[dict[str, Any]],
 ) -> None:
     """Redis restarted on the same port: publishing resumes by itself, the outage logged once or twice."""
-    # Production backs off up to 30 s; a short cap keeps this test's deadline short.
+    # Production backs off up to 5 s; a shorter cap keeps this test's deadline short.
     monkeypatch.setattr(RenewIntentPublisher, "retry_max_s", 1.0)
     port = backend.port_number
     async with renewing_ingress(tmp_path, redis_server.url, mode="uri") as ingress:
@@ -494,6 +494,38 @@ async def test_redis_restarted_intents_flow_again(
     warnings = [formatEvent(e) for e in log_events
                 if "cannot publish renew intents" in formatEvent(e)]
     assert 1 <= len(warnings) <= 3, warnings
+
+
+@pytest_twisted.ensureDeferred
+async def test_sandboxes_busy_during_an_outage_are_renewed_once_redis_is_back(
+    tmp_path: Path, backend: Backend, redis_server: RedisServer
+) -> None:
+    """
+    With a 60 s interval, two sandboxes whose only intents were lost while
+    Redis was stopped each get one within seconds of its restart (the
+    failed batch releases the throttle), with production backoff.
+    """
+    port = backend.port_number
+    names = ["sbx", "other"]
+    async with renewing_ingress(tmp_path, redis_server.url, min_interval_s=60) as ingress:
+        stats = publisher(ingress).stats
+        redis_server.stop()
+        for name in names:
+            response, _ = await request("GET", ingress_url(ingress, "/echo/down"), to(name, port))
+            assert response.code == 200
+        await wait_until(lambda: stats.failed >= len(names), what="the lost intents")
+        redis_server.start()  # same port, empty
+        restarted = time.monotonic()
+        deadline = restarted + 15
+        while {i["sandbox_id"] for i in intents(redis_server)} != set(names):
+            assert time.monotonic() < deadline, f"not renewed after the restart: {stats}"
+            for name in names:  # live traffic continues
+                response, _ = await request("GET", ingress_url(ingress, "/echo/up"), to(name, port))
+                assert response.code == 200
+            await pause(0.1)
+        # The bound is production's backoff cap plus scheduling slack.
+        assert time.monotonic() - restarted < renew.RETRY_MAX_S + 3
+    assert sorted(i["sandbox_id"] for i in intents(redis_server)) == sorted(names)
 
 
 @pytest_twisted.ensureDeferred

@@ -51,6 +51,7 @@ from twisted.web.http import datetimeToString
 from .. import routing
 from .._compat import PYPY
 from ..errors import (
+    ClientTimeout,
     IngressError,
     UpstreamInvalidResponse,
     UpstreamTimeout,
@@ -741,8 +742,12 @@ class _Exchange:
     One request relayed to a backend and its response relayed back.
 
     The idle timeout (C{--idle-timeout}) counts from the last byte moved in
-    either direction: before the response head it answers 502
-    C{upstream_timeout}; after it both connections are cut.
+    either direction.  When it expires while the upload waits on the client
+    (the backend connected and not pushing back), the client is to blame:
+    408 C{client_timeout} before the response head, the connection cut
+    after, counted as a client error.  Otherwise: 502 C{upstream_timeout}
+    before the response head, both connections cut after, counted as an
+    upstream error.
     """
 
     __slots__ = (
@@ -1071,10 +1076,11 @@ class _Exchange:
     def _key(self) -> tuple[str, str, int]:
         return (self.record.generation or self.record.name, self.endpoint, self.route.port)
 
-    def _fail_before_head(self, failure: Failure | None) -> None:
+    def _fail_before_head(self, failure: Failure | None, error: IngressError | None = None) -> None:
         target = f"{self.endpoint}:{self.route.port}"
-        error: IngressError
-        if self._timed_out or (failure is not None and failure.check(ierror.TimeoutError)):
+        if error is not None:
+            pass  # decided (and counted) by the caller
+        elif self._timed_out or (failure is not None and failure.check(ierror.TimeoutError)):
             error = UpstreamTimeout(f"upstream {target} timed out")
             self.core.metrics.upstream_error("timeout")
         else:
@@ -1120,7 +1126,9 @@ class _Exchange:
         if self._done:
             return
         self._timed_out = True
-        if not self._responded:
+        if not self.upload_done and self.upstream is not None and not self._upload_paused:
+            self._client_timed_out()
+        elif not self._responded:
             if self._connector is not None:
                 connector, self._connector = self._connector, None
                 connector.cancel()
@@ -1136,6 +1144,23 @@ class _Exchange:
             self.core.metrics.upstream_error("timeout")
             self.channel.abort()
             self._finish(self._status)
+
+    def _client_timed_out(self) -> None:
+        """The upload stalled on the client: a client error, not the sandbox's."""
+        self.core.metrics.client_error("timeout")
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            # It holds half a request: never reusable.
+            upstream.release(False)
+        self.persistent = False
+        if not self._responded:
+            self._fail_before_head(
+                None, ClientTimeout("the client stopped sending the request body")
+            )
+        else:
+            self._unregister()
+            self.channel.abort()
+            self._finish(ClientTimeout.status)
 
     # -- the end --------------------------------------------------------------
 

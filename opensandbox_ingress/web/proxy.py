@@ -38,6 +38,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from .. import routing
 from ..errors import (
+    ClientTimeout,
     IngressError,
     SandboxNotReady,
     UpstreamInvalidResponse,
@@ -186,7 +187,8 @@ class Proxy:
         self._core = core
         config = core.config
         self._uri_mode = config.mode == "uri"
-        self._keys = dict(config.secure_access_keys)
+        # The core's live ring, not a copy: a keys file rotates it in place.
+        self._keys = core.secure_access_keys
         self._ready_wait = config.ready_wait_s
         self._idle = config.idle_timeout_s or None
         self._clock: Callable[[], float] = time.time
@@ -409,9 +411,12 @@ class _Exchange:
     """
     One forwarded HTTP request and its response.
 
-    Owns the idle timer: any byte moving in either direction resets it; when
-    it fires before the response head, the client gets 502
-    C{upstream_timeout}; after, both connections are closed.
+    Owns the idle timer: any byte moving in either direction resets it.
+    When it fires while the upload waits on the client (the backend ready
+    for more), the client is to blame: 408 C{client_timeout} before the
+    response head, the connection closed after, counted as a client error.
+    Otherwise the backend is: 502 C{upstream_timeout} before the response
+    head, both connections closed after, counted as an upstream error.
     """
 
     __slots__ = (
@@ -425,6 +430,7 @@ class _Exchange:
         "_body_transport",
         "_done",
         "_timed_out",
+        "_client_stalled",
         "_rebase",
     )
 
@@ -446,6 +452,7 @@ class _Exchange:
         self._body_transport: Any = None
         self._done = False
         self._timed_out = False
+        self._client_stalled = False
         self._rebase = False
 
     def start(self) -> None:
@@ -483,11 +490,31 @@ class _Exchange:
     def _idle_timeout(self) -> None:
         self._timer = None
         self._timed_out = True
+        body = self._request.body if isinstance(self._request, IngressRequest) else None
+        if body is not None and body.waiting_for_client and not self._done:
+            self._client_timed_out()
+            return
         if self._pending is not None:
             self._pending.cancel()
         elif self._body_transport is not None:
             self._body_transport.stopProducing()
             self._abort_client()
+
+    def _client_timed_out(self) -> None:
+        """The upload stalled on the client: a client error, not the sandbox's."""
+        self._client_stalled = True
+        self._core.metrics.client_error("timeout")
+        if self._pending is not None:
+            # _request_failed renders the 408 (the cancel fires it at once).
+            self._pending.cancel()
+            return
+        # The response has started: all that is left is to close the
+        # connection, logged with the client's status.
+        if self._body_transport is not None:
+            self._body_transport.stopProducing()
+            self._body_transport = None
+        self._finished(ClientTimeout.status)
+        self._abort_client()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -505,8 +532,12 @@ class _Exchange:
         route = self._res.route
         target = f"{self._res.endpoint}:{route.port}"
         error: IngressError
-        invalid = _invalid(failure)
-        if invalid is not None:
+        if self._client_stalled:
+            error = ClientTimeout("the client stopped sending the request body")
+            # The rest of the body will not come: this is the connection's
+            # last response, and RFC 9110 (15.5.9) asks to say so.
+            self._request.setHeader(b"Connection", b"close")
+        elif (invalid := _invalid(failure)) is not None:
             # The framing layer refused the response head: nothing of it
             # reaches the client.
             error = UpstreamInvalidResponse(
@@ -610,12 +641,12 @@ class _Exchange:
                 self._body_transport.stopProducing()
                 self._body_transport = None
 
-    def _finished(self) -> None:
+    def _finished(self, status: int | None = None) -> None:
         if self._done:
             return
         self._done = True
         self._core.request_finished()
-        self._log_access()
+        self._log_access(status)
 
     def _log_access(self, status: int | None = None) -> None:
         request = self._request

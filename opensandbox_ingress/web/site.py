@@ -32,6 +32,12 @@ from zope.interface import implementer
 # A body chunk buffered before the upstream connection exists is kept; the
 # client is paused right away so at most one socket read sits here.
 
+#: Bytes of a request body read and discarded after the response is
+#: complete (an error the ingress answered at once, or a backend that
+#: answered before the upload ended), so that the keep-alive connection
+#: stays usable; with more left, the response says C{Connection: close}.
+DRAIN_LIMIT_BYTES = 4 * 1024 * 1024
+
 
 @implementer(IBodyProducer)
 class StreamingBody:
@@ -65,6 +71,21 @@ class StreamingBody:
     def complete(self) -> bool:
         """Whether the client has sent the whole body."""
         return self._complete
+
+    @property
+    def waiting_for_client(self) -> bool:
+        """
+        Whether the body is stalled on the client: incomplete, and the
+        upstream request is ready for more (attached and not paused), so
+        only the client can move it.
+        """
+        return (
+            not self._complete
+            and not self._stopped
+            and self._failure is None
+            and self._consumer is not None
+            and not self._upstream_paused
+        )
 
     # -- fed by the request --------------------------------------------------
 
@@ -153,6 +174,10 @@ class IngressRequest(Request):
     #: The streaming body, for requests that have one.
     body: StreamingBody | None = None
     _early = False
+    #: While the rest of the body is drained: the channel, and the count
+    #: of body bytes past which the connection is closed instead.
+    _drain_channel: IngressChannel | None = None
+    _drain_until = 0
 
     def gotLength(self, length: int | None) -> None:
         if length == 0:
@@ -169,11 +194,39 @@ class IngressRequest(Request):
         Request.requestReceived(self, command, path, version)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body is not None:
-            if not self.finished:
-                self.body.feed(data)
+        body = self.body
+        if body is not None:
+            # After the response, feed only counts (the body is stopped).
+            body.feed(data)
+            channel = self._drain_channel
+            if channel is not None and body.received > self._drain_until:
+                # More than announced room: give up on keeping the connection.
+                self._drain_channel = None
+                channel.persistent = False
+                channel.loseConnection()
         else:
             super().handleContentChunk(data)
+
+    def _drainable(self) -> bool:
+        """Whether the rest of the body may be read and discarded after the response."""
+        body = self.body
+        assert body is not None
+        closing = self.responseHeaders.getRawHeaders(b"connection") or []
+        if any(b"close" in value.lower() for value in closing):
+            return False  # someone (a 408, say) already decided to close
+        length = body.length
+        return length is UNKNOWN_LENGTH or length - body.received <= DRAIN_LIMIT_BYTES
+
+    def write(self, data: bytes) -> None:
+        body = self.body
+        if not self.startedWriting and body is not None and not body.complete:
+            # The response starts before the upload is complete: say now
+            # whether the connection survives it (RFC 9112 9.6), since the
+            # head cannot be changed once written.
+            if self.channel is not None and not self._drainable():
+                self.setHeader(b"Connection", b"close")
+                self.channel.persistent = False
+        super().write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._early:
@@ -197,12 +250,24 @@ class IngressRequest(Request):
             self.processingFailed(Failure())
 
     def finish(self) -> None:
-        if self.body is not None and not self.body.complete and self.channel:
-            # The response is complete before the upload is: the rest of the
-            # upload cannot be framed for another request, so this is the
-            # connection's last response.
-            self.channel.persistent = False
-            self.body.stopProducing()
+        body = self.body
+        channel = self.channel
+        if body is not None and not body.complete and channel is not None and not self.finished:
+            if not self.startedWriting:
+                self.write(b"")  # decides (and announces) whether to close
+            # The response is complete before the upload is: discard the
+            # rest of the upload.  Then either the connection carries on once
+            # it has all arrived (the channel holds the next request back
+            # until then), or, past the drain limit, this is its last
+            # response.  Closing at once would reset a client still sending,
+            # which may lose the response it has not read yet.
+            body.stopProducing()
+            if channel.persistent and isinstance(channel, IngressChannel):
+                self._drain_channel = channel
+                self._drain_until = body.received + DRAIN_LIMIT_BYTES
+                channel.drain_after(self)
+            else:
+                channel.persistent = False
         super().finish()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -228,6 +293,18 @@ class IngressChannel(HTTPChannel):
     on_idle: Callable[[], None] | None = None
     _header_call: IDelayedCall | None = None
     _awaiting_headers = True
+    #: A request answered before its body arrived, whose rest is being
+    #: read and discarded; its requestDone waits for the end of the body.
+    _draining: IngressRequest | None = None
+
+    def drain_after(self, request: IngressRequest) -> None:
+        """
+        C{request} was answered before its body ended: keep reading (and
+        discarding) the body, and only then take the next request, so the
+        connection stays in step with the client.  The idle timeout runs
+        meanwhile: a client that stops sending is dropped.
+        """
+        self._draining = request
 
     def dataReceived(self, data: bytes) -> None:
         if (
@@ -258,6 +335,12 @@ class IngressChannel(HTTPChannel):
         super().allHeadersReceived()
         request = self.requests[-1]
         if isinstance(request, IngressRequest) and request.body is not None:
+            if self.timeOut:
+                # The proxy's exchange times the streamed upload and tells a
+                # stalled client (408) from a stalled backend, so suspend the
+                # channel's own idle timer as HTTPChannel.allContentReceived
+                # does once a body is in; requestDone restores it.
+                self._savedTimeOut = self.setTimeout(None)
             request.start_early(command, path, version)
 
     def allContentReceived(self) -> None:
@@ -267,9 +350,23 @@ class IngressChannel(HTTPChannel):
             self.length = 0
             self._transferDecoder = None
             return
+        draining, self._draining = self._draining, None
         super().allContentReceived()
+        if draining is not None:
+            # The drained body is complete: now the request is done, and the
+            # connection reads the next one (HTTPChannel.requestDone).
+            draining._drain_channel = None
+            self._awaiting_headers = True
+            super().requestDone(draining)
 
     def requestDone(self, request: Request) -> None:
+        if request is self._draining:
+            # Not yet: the rest of its body is still to be read.  Restore the
+            # idle timer that the streamed body suspended.
+            saved: float | None = getattr(self, "_savedTimeOut", None)
+            if saved:
+                self.setTimeout(saved)
+            return
         self._awaiting_headers = True
         super().requestDone(request)
         if not self.requests and self.on_idle is not None:
