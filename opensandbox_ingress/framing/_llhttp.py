@@ -137,6 +137,14 @@ class LlhttpRequestParser:
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse C{data}; the events it completes, in order."""
+        try:
+            return self._feed(data)
+        finally:
+            # The events are the caller's now: holding the list would keep
+            # its body bytes (up to a whole read) alive per connection.
+            self._events = []
+
+    def _feed(self, data: bytes) -> list[Event]:
         if self._dead:
             return []
         if self._switched:
@@ -334,6 +342,14 @@ class LlhttpResponseParser:
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse C{data}; the events it completes, in order."""
+        try:
+            return self._feed(data)
+        finally:
+            # The events are the caller's now: holding the list would keep
+            # its body bytes (up to a whole read) alive per connection.
+            self._events = []
+
+    def _feed(self, data: bytes) -> list[Event]:
         if self._dead or not data:
             return []
         parser = self._parser
