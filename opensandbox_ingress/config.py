@@ -99,8 +99,12 @@ class IngressConfig:
     #: Seconds without any byte moving before a client or upstream
     #: connection is closed; 0 = never.
     idle_timeout_s: float = 300.0
-    #: Seconds a client may take to send a request's headers.
+    #: Seconds a client may take to send a request's headers (counted from
+    #: accept for the first request, from its first byte for later ones).
     header_timeout_s: float = 30.0
+    #: Bytes a request head (start line and header lines) may take; a
+    #: larger one is answered 431.
+    max_header_bytes: int = 16384
     #: Seconds between WebSocket keep-alive pings on both hops; 0 = off.
     websocket_ping_interval_s: float = 30.0
     #: Seconds a request for a not-ready sandbox waits for it; 0 = answer 503.
@@ -163,6 +167,10 @@ class IngressConfig:
         ):
             if not value >= 0:
                 raise ConfigError(name, f"must be >= 0 seconds, got {value}")
+        if self.max_header_bytes < 1024:
+            raise ConfigError(
+                "max-header-bytes", f"must be >= 1024, got {self.max_header_bytes}"
+            )
         if self.workers < 1:
             raise ConfigError("workers", f"must be >= 1, got {self.workers}")
         renew = self.renew_intent

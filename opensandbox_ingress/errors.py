@@ -137,6 +137,58 @@ class UpstreamTimeout(IngressError):
     code = "upstream_timeout"
 
 
+class UpstreamInvalidResponse(IngressError):
+    """
+    The backend's response head is not one the ingress relays: a status
+    outside 100..599, a malformed status line or framing, a header name
+    that is not a token, or a control byte in a header value (502).
+    """
+
+    status = 502
+    code = "upstream_invalid_response"
+
+
+class RequestInvalid(IngressError):
+    """The request's framing is refused (400): see README, "HTTP framing"."""
+
+    status = 400
+    code = "request_invalid"
+
+
+class RequestHeadTooLarge(IngressError):
+    """The request head is over C{--max-header-bytes} or 100 fields (431)."""
+
+    status = 431
+    code = "request_header_too_large"
+
+
+class NotImplementedByIngress(IngressError):
+    """C{CONNECT}, an unknown method or transfer coding (501)."""
+
+    status = 501
+    code = "not_implemented"
+
+
+class VersionNotSupported(IngressError):
+    """An HTTP version other than 1.0 and 1.1 (505)."""
+
+    status = 505
+    code = "http_version_not_supported"
+
+
+_FRAMING_ERRORS: dict[int, type[IngressError]] = {
+    400: RequestInvalid,
+    431: RequestHeadTooLarge,
+    501: NotImplementedByIngress,
+    505: VersionNotSupported,
+}
+
+
+def framing_error(status: int, reason: str) -> IngressError:
+    """The L{IngressError} for a request the framing policy refused with C{status}."""
+    return _FRAMING_ERRORS.get(status, RequestInvalid)(reason)
+
+
 class ClientTimeout(IngressError):
     """
     The client stopped sending its request body for the idle timeout while

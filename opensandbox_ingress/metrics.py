@@ -72,7 +72,7 @@ class IngressMetrics:
         )
         self.upstream_errors = Counter(
             "opensandbox_ingress_upstream_errors",
-            "Upstream failures by reason: connect, timeout, reset.",
+            "Upstream failures by reason: connect, timeout, reset, invalid.",
             ["reason"],
             registry=self.registry,
         )
@@ -83,7 +83,7 @@ class IngressMetrics:
             registry=self.registry,
         )
         # Pre-create the label sets so the series exist (at 0) from the start.
-        for reason in ("connect", "timeout", "reset"):
+        for reason in ("connect", "timeout", "reset", "invalid"):
             self.upstream_errors.labels(reason)
         self.client_errors.labels("timeout")
         self._state = _StateCollector()

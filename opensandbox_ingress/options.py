@@ -68,6 +68,7 @@ class IngressOptions(usage.Options):
         ["ready-wait", None, "0", "Seconds a request for a not-ready sandbox waits for it; 0 = answer 503 at once."],
         ["shutdown-timeout", None, "30", "Seconds a graceful shutdown (SIGTERM) may take."],
         ["workers", None, "1", "Processes sharing the listeners."],
+        ["max-header-bytes", None, "16384", "Bytes a request head may take; a larger one is answered 431."],
     ]
 
     def __init__(self) -> None:
@@ -151,6 +152,9 @@ def config_from_options(options: Any) -> IngressConfig:
         ready_wait_s=parse_seconds(str(options["ready-wait"]), "ready-wait"),
         shutdown_timeout_s=parse_seconds(str(options["shutdown-timeout"]), "shutdown-timeout"),
         workers=parse_int(str(options["workers"]), "workers", minimum=1),
+        max_header_bytes=parse_int(
+            str(options["max-header-bytes"]), "max-header-bytes", minimum=1024
+        ),
     )
     config.validate()
     if config.secure_access_keys_file:

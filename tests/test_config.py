@@ -62,6 +62,7 @@ def test_defaults_from_empty_command_line() -> None:
         ready_wait_s=0.0,
         shutdown_timeout_s=30.0,
         workers=1,
+        max_header_bytes=16384,
     )
 
 
@@ -116,6 +117,7 @@ def test_options_raw_defaults() -> None:
         (["--upstream-connect-timeout", "2.5"], "upstream_connect_timeout_s", 2.5),
         (["--idle-timeout", "0"], "idle_timeout_s", 0.0),
         (["--header-timeout", "5"], "header_timeout_s", 5.0),
+        (["--max-header-bytes", "4096"], "max_header_bytes", 4096),
         (["--websocket-ping-interval", "0"], "websocket_ping_interval_s", 0.0),
         (["--ready-wait", "15"], "ready_wait_s", 15.0),
         (["--shutdown-timeout", "0"], "shutdown_timeout_s", 0.0),
@@ -234,6 +236,7 @@ def test_redis_dsn_parsed(dsn: str, parsed: RedisDsn) -> None:
         (["--ready-wait", "-3"], "ready-wait", "'-3'"),
         (["--shutdown-timeout", "-1"], "shutdown-timeout", "'-1'"),
         (["--workers", "0"], "workers", "'0'"),
+        (["--max-header-bytes", "100"], "max-header-bytes", "'100'"),
         (["--workers", "-2"], "workers", "'-2'"),
         (["--workers", "two"], "workers", "'two'"),
         (["--renew-intent-queue-max-len", "-1"], "renew-intent-queue-max-len", "'-1'"),

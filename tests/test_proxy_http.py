@@ -718,7 +718,9 @@ async def test_ready_wait_cancelled_when_client_leaves(tmp_path: Path) -> None:
     service = await start_ingress(tmp_path, SANDBOXES, ready_wait_s=30)
     try:
         client = await raw_connect(service.addresses()[0].port)
-        client.transport.write(b"GET / HTTP/1.1\r\nOpenSandbox-Ingress-To: starting-80\r\n\r\n")
+        client.transport.write(
+            b"GET / HTTP/1.1\r\nHost: x\r\nOpenSandbox-Ingress-To: starting-80\r\n\r\n"
+        )
         await wait_until(lambda: service.registry.ready_waiters == 1, what="waiting")
         client.transport.loseConnection()
         await wait_until(lambda: service.registry.ready_waiters == 0, what="wait released")

@@ -33,8 +33,8 @@ Ownership: reactor thread only.
 from __future__ import annotations
 
 import ipaddress
-import re
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,18 +46,32 @@ from twisted.internet.interfaces import IDelayedCall, ISSLTransport, ITCPTranspo
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import datetimeToString
 
 from .. import routing
 from .._compat import PYPY
 from ..errors import (
-    ERROR_HEADER,
     ClientTimeout,
     IngressError,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
+    framing_error,
+)
+from ..framing import (
+    Data,
+    EndOfMessage,
+    Event,
+    FramingError,
+    RequestHead,
+    ResponseHead,
+    Switched,
+    request_parser,
+    response_parser,
+    status_line,
 )
 from ..secure_access import SECURE_ACCESS_HEADER, check_access
+from .errors import error_response
 from .health import HEALTH_PATH
 from .proxy import (
     _STRIP_REQUEST,
@@ -73,8 +87,6 @@ if TYPE_CHECKING:
     from ..routing import Route
     from ..service import IngressCore
 
-#: A request head longer than this goes to the slow path (which answers it).
-MAX_HEAD = 16384
 #: Pipelined bytes buffered while a response is in flight before the client
 #: is paused.
 PIPELINE_LIMIT = 65536
@@ -83,51 +95,17 @@ PIPELINE_LIMIT = 65536
 #: nursery until a major collection, and a busy ingress grew past 1 GiB, so
 #: it keeps Twisted's 64 KiB.
 READ_SIZE = 1 << 16 if PYPY else 1 << 18
-#: A response head longer than this is a broken backend.
-MAX_RESPONSE_HEAD = 65536
-
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[!-~]*) HTTP/1\.1")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 _SECURE = SECURE_ACCESS_HEADER.lower()
 _INGRESS_TO = routing.INGRESS_TO_HEADER.lower()
 _LEGACY = routing.LEGACY_INGRESS_HEADER.lower()
 #: Request headers that send a request to the slow path.
-_SLOW_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"http2-settings"})
+_SLOW_HEADERS = frozenset({b"expect", b"upgrade", b"http2-settings"})
 _EMPTY_BODY_CL = frozenset({b"PUT", b"POST"})
 #: Methods retried once on a fresh connection when a pooled one turns out
 #: dead before answering (as Twisted's client does).
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _NO_BODY = frozenset({204, 304})
-#: A response's header lines (each with its CRLF): names are tokens.
-_RESPONSE_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*")
-
-
-def _field_values(lines: bytes, name: bytes) -> list[bytes]:
-    """
-    The values of header C{name} (lower case, with its colon and a leading
-    newline) in C{lines}: a lower-cased header block after a newline.
-    C{bytes.find} rather than a regular expression: several times faster.
-    """
-    values = []
-    at = lines.find(name)
-    while at >= 0:
-        start = at + len(name)
-        stop = lines.find(b"\r", start)
-        values.append(lines[start:stop].strip(b" \t"))
-        at = lines.find(name, stop)
-    return values
-
-#: The response header lines the client never sees (hop-by-hop, framing).
-_STRIP_LINES = re.compile(
-    rb"(?im)^(?:"
-    + b"|".join(re.escape(name) for name in sorted(_STRIP_RESPONSE))
-    + rb"):[^\r\n]*\r\n"
-)
-#: Connection tokens that name no header of their own to strip.
-_PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b""})
 
 #: Seconds an idle pooled connection is kept, and the most kept per key.
 POOLED_IDLE_S = 60.0
@@ -135,17 +113,17 @@ MAX_IDLE_PER_KEY = 32
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
-_names: dict[bytes, bytes | None] = {}
+_names: dict[bytes, bytes] = {}
 
 
-def _lower_name(name: bytes) -> bytes | None:
-    """C{name} lower-cased if it is a valid header name, else None (cached)."""
-    low = _names.get(name, False)
-    if low is False:
-        low = name.lower() if _TOKEN.fullmatch(name) else None
+def _lower(name: bytes) -> bytes:
+    """C{name} lower-cased (cached: the same few names come every request)."""
+    low = _names.get(name)
+    if low is None:
+        low = name.lower()
         if len(_names) < 4096:
             _names[name] = low
-    return low  # type: ignore[return-value]
+    return low
 
 
 #: Transports whose socket L{_send} may write to directly.
@@ -195,7 +173,7 @@ def _http_date(now: float) -> bytes:
 
 
 class _Head:
-    """A parsed request head (only what the fast path needs)."""
+    """What the fast path needs of a request head the framing layer accepted."""
 
     __slots__ = (
         "method",
@@ -213,15 +191,16 @@ class _Head:
         "has_xfh",
     )
 
-    def __init__(self, method: bytes, target: bytes) -> None:
-        self.method = method
-        self.target = target
+    def __init__(self, request: RequestHead) -> None:
+        self.method = request.method
+        self.target = request.target
         #: (name as sent, lower-cased name, value)
         self.headers: list[tuple[bytes, bytes, bytes]] = []
-        self.length = 0
-        self.close = False
-        self.listed: frozenset[bytes] = frozenset()
-        self.host: bytes | None = None
+        self.length: int = request.content_length or 0
+        self.close = not request.keep_alive
+        self.listed: frozenset[bytes] = request.listed
+        #: The routing host: the absolute-form target's authority, else Host.
+        self.host: bytes | None = request.host
         self.ingress_to: bytes | None = None
         self.legacy: bytes | None = None
         self.secure: list[bytes] | None = None
@@ -230,63 +209,70 @@ class _Head:
         self.has_xfh = False
 
 
-def parse_head(head: bytes) -> _Head | None:
+def fast_head(request: RequestHead) -> _Head | None:
     """
-    Parse a request head (without its final blank line) the fast path can
-    serve; None sends it to the slow path, which answers anything unusual.
+    The fast path's view of an accepted request head, or None when the
+    request goes to C{twisted.web} (HTTP/1.0, chunked uploads, upgrades,
+    C{Expect}).  No parsing here: the framing layer did it; this only
+    sorts the header fields the fast path acts on.
     """
-    lines = head.split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
-    if m is None:
+    if request.version != b"1.1" or request.upgrade or request.content_length is None:
         return None
-    req = _Head(m.group(1), m.group(2))
-    headers = req.headers
-    length: bytes | None = None
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        low = _lower_name(name) if sep else None
-        if low is None or b"\n" in line or b"\r" in line:
-            return None
-        value = value.strip(b" \t")
-        headers.append((name, low, value))
+    head = _Head(request)
+    headers = head.headers
+    names = _names
+    for name, value in request.headers:
+        low = names.get(name)
+        if low is None:
+            low = _lower(name)
         if low in _SLOW_HEADERS:
             return None
-        if low == b"host":
-            if req.host is not None:
-                return None
-            req.host = value
-        elif low == b"content-length":
-            if length is not None and value != length:
-                return None
-            length = value
-        elif low == b"connection":
-            tokens = frozenset(t.strip().lower() for t in value.split(b","))
-            req.listed = req.listed | tokens
-            if b"close" in tokens:
-                req.close = True
-        elif low == _INGRESS_TO:
-            if req.ingress_to is None:
-                req.ingress_to = value
+        headers.append((name, low, value))
+        if low == _INGRESS_TO:
+            if head.ingress_to is None:
+                head.ingress_to = value
         elif low == _LEGACY:
-            if req.legacy is None:
-                req.legacy = value
+            if head.legacy is None:
+                head.legacy = value
         elif low == _SECURE:
-            if req.secure is None:
-                req.secure = []
-            req.secure.append(value)
+            if head.secure is None:
+                head.secure = []
+            head.secure.append(value)
         elif low == b"x-forwarded-for":
-            if req.xff is None:
-                req.xff = []
-            req.xff.append(value)
+            # An empty value adds nothing (not ", client").
+            if value:
+                if head.xff is None:
+                    head.xff = []
+                head.xff.append(value)
         elif low == b"x-forwarded-proto":
-            req.has_xfp = True
+            head.has_xfp = True
         elif low == b"x-forwarded-host":
-            req.has_xfh = True
-    if length is not None:
-        if not _DIGITS.fullmatch(length):
-            return None
-        req.length = int(length)
-    return req
+            head.has_xfh = True
+    listed = head.listed
+    if listed:
+        # A header the client names in Connection is dropped; the ingress
+        # then sets its own rather than forwarding none.
+        if b"x-forwarded-proto" in listed:
+            head.has_xfp = False
+        if b"x-forwarded-host" in listed:
+            head.has_xfh = False
+    return head
+
+
+def _serialize_head(request: RequestHead) -> bytes:
+    """
+    An accepted request head as canonical bytes for C{twisted.web}: its own
+    parser only ever reads heads the framing layer accepted, written by the
+    ingress (one Host: the absolute-form authority when there was one).
+    """
+    lines = [request.method, b" ", request.target, b" HTTP/", request.version, b"\r\n"]
+    for name, value in request.headers:
+        if _lower(name) != b"host":
+            lines += (name, b": ", value, b"\r\n")
+    if request.host is not None:
+        lines += (b"Host: ", request.host, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 class FastIngressFactory(Factory):
@@ -302,6 +288,7 @@ class FastIngressFactory(Factory):
         self.site = site
         self.idle_timeout: float | None = core.config.idle_timeout_s or None
         self.header_timeout: float | None = core.config.header_timeout_s or None
+        self.max_header_bytes: int = core.config.max_header_bytes
         #: Connections served by the fast path (not handed off), open.
         self.channels: set[FastChannel] = set()
         self._gone: list[Deferred[None]] = []
@@ -344,28 +331,52 @@ class FastIngressFactory(Factory):
         return channel
 
 
+
 class FastChannel(Protocol):
     """
-    One client connection.  Serves plain requests itself, one at a time
-    (pipelined requests wait in a bounded buffer), and hands the
-    connection to C{twisted.web} at the first request it does not serve.
+    One client connection.  Every byte is framed by the framing layer
+    (L{opensandbox_ingress.framing}); the ingress's policy refuses what it
+    must (400, 431, 501, 505) here, before anything is forwarded.  Serves
+    plain requests itself, one at a time (pipelined requests wait, bounded),
+    and hands the connection to C{twisted.web} at the first request it does
+    not serve: from then on it still frames every request and feeds
+    C{twisted.web} canonical bytes written from the accepted events, so
+    C{twisted.web}'s parser never reads what a client sent.
+
+    Timers: one per connection.  The header timer runs from accept for the
+    first request and from the first byte of each later head, whichever
+    engine serves it; idle keep-alive and exchange idle timeouts are the
+    fast path's own while it serves the connection.
     """
 
     def __init__(self, factory: FastIngressFactory, addr: Any) -> None:
         self._factory = factory
         self._core = factory.core
         self._addr = addr
+        self._parser = request_parser(factory.max_header_bytes)
+        #: Events framed but not acted on yet (a pipelined request's).
+        self._events: deque[Event] = deque()
+        #: Bytes that arrived while a response was in flight and its request
+        #: was complete: framed once the response is done.
         self._buf = b""
         self._delegate: Any = None
+        #: After a handed-off upgrade request: bytes pass as they are.
+        self._switched = False
+        #: Whether the handed-off message in progress has a chunked body,
+        #: and whether its body is still arriving.
+        self._delegate_chunked = False
+        self._delegate_in_body = False
+        #: A refusal waiting for C{twisted.web} to finish its responses.
+        self._pending_error: FramingError | None = None
         self._exchange: _Exchange | None = None
-        #: Bytes of the current request's body still to come.
-        self._upload_left = 0
+        #: Whether the current exchange's request is still arriving.
+        self._in_body = False
         self._paused = False
         self._closing = False
         self._timer: IDelayedCall | None = None
         #: When the connection went idle (no exchange), for the idle timeout.
         self._idle_since: float | None = None
-        #: When the pending request head started arriving.
+        #: When the pending request head started (accept, for the first).
         self._head_since: float | None = None
         self.client = "-"
         self.secure = False
@@ -385,41 +396,47 @@ class FastChannel(Protocol):
             # Fewer, larger reads for uploads (also the write-buffer size
             # past which a slow client pauses the backend).
             transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
-        self._idle_since = time.monotonic()
+        now = time.monotonic()
+        self._idle_since = now
+        # The header timer runs from accept: a connection that never sends
+        # a byte is cut at the header timeout, not the idle one.
+        self._head_since = now
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._delegate is not None:
+        if self._switched:
             self._delegate.dataReceived(data)
             return
         if self._closing:
             return
         if self._idle_since is not None:
             self._idle_since = time.monotonic()
-        if self._upload_left:
-            n = self._upload_left
-            if len(data) <= n:
-                piece, data = data, b""
-            else:
-                piece, data = data[:n], data[n:]
-            self._upload_left = n - len(piece)
-            exchange = self._exchange
-            if exchange is not None:
-                exchange.upload(piece, self._upload_left == 0)
-            if not data:
-                return
-        self._buf = self._buf + data if self._buf else data
-        if self._exchange is None:
-            self._next_request()
-        elif len(self._buf) > PIPELINE_LIMIT:
-            self._update_reading()
+        if self._exchange is not None and not self._in_body:
+            # A response is in flight and its request is complete: later
+            # requests wait as bytes, bounded (the client is paused).
+            self._buf = self._buf + data if self._buf else data
+            if len(self._buf) > PIPELINE_LIMIT:
+                self._update_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        parser = self._parser
+        events = parser.feed(data)
+        if events:
+            self._events.extend(events)
+            self._process()
+        if parser.awaiting_head and self._head_since is None and not self._closing:
+            # (After the events: a complete head in this read clears it.)
+            self._head_since = time.monotonic()
+            self._arm()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._closing = True
+        self._cancel_timer()
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
             return
-        self._closing = True
-        self._cancel_timer()
         self._factory.channel_gone(self)
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
@@ -427,46 +444,81 @@ class FastChannel(Protocol):
 
     # -- requests ------------------------------------------------------------
 
-    def _next_request(self) -> None:
-        buf = self._buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD or b"\n\n" in buf:
-                self._hand_off()
-            elif buf and self._head_since is None:
-                self._head_since = time.monotonic()
-                self._arm()
-            return
+    def _process(self) -> None:
+        """Act on the framed events in order, as far as the state allows."""
+        events = self._events
+        while events and not self._closing:
+            if self._delegate is not None:
+                self._to_delegate(events.popleft())
+                continue
+            exchange = self._exchange
+            if exchange is not None:
+                if not self._in_body:
+                    return  # a pipelined request: after this response
+                event = events.popleft()
+                if type(event) is Data:
+                    exchange.upload(event.data)
+                elif type(event) is EndOfMessage:
+                    self._in_body = False
+                    exchange.upload_end()
+                    self._update_reading()
+                elif type(event) is FramingError:
+                    # A body the framing refused (a bad chunk, say): the
+                    # request cannot be completed; cut both sides.
+                    self._in_body = False
+                    self.abort()
+                    exchange.client_lost()
+                continue
+            event = events.popleft()
+            if type(event) is RequestHead:
+                self._request(event)
+            elif type(event) is FramingError:
+                self._refuse(event)
+                return
+
+    def _request(self, request: RequestHead) -> None:
+        self._head_since = None
         started = time.monotonic()
-        head = parse_head(buf[:end])
+        head = fast_head(request)
         if head is None:
-            self._hand_off()
+            self._hand_off(request)
             return
         target = head.target
         if target.startswith(HEALTH_PATH) and target[len(HEALTH_PATH) : len(HEALTH_PATH) + 1] in (
             b"",
             b"?",
         ):
-            self._hand_off()
+            self._hand_off(request)
             return
         resolved = self._resolve(head)
         if resolved is None:
-            self._hand_off()
+            self._hand_off(request)
             return
         route, record = resolved
-        self._buf = buf[end + 4 :]
-        self._head_since = None
         self._idle_since = None
         persistent = not head.close and not self._core.draining
         exchange = _Exchange(self, head, route, record, started, persistent)
         self._exchange = exchange
-        self._upload_left = head.length
-        if head.length and self._buf:
-            body, self._buf = self._buf[: head.length], self._buf[head.length :]
-            self._upload_left -= len(body)
-            exchange.pending.append(body)
+        # Until its EndOfMessage, the events are this request's body.
+        self._in_body = True
         exchange.start()
         self._update_reading()
+
+    def _refuse(self, refusal: FramingError) -> None:
+        """Answer a request the framing policy refused, and close."""
+        error = framing_error(refusal.status, refusal.reason)
+        self._closing = True
+        self._cancel_timer()
+        transport = self.transport
+        if transport is not None:
+            _send(transport, error_response(error, True, _http_date(time.time())))
+            if self._paused:
+                self._paused = False
+                transport.resumeProducing()  # type: ignore[attr-defined]
+            transport.loseConnection()
+        self._core.access_log.request(
+            b"-", "-", 0, error.status, len(error.body()), time.monotonic(), self.client
+        )
 
     def _resolve(self, head: _Head) -> tuple[Route, SandboxRecord] | None:
         """Route, look up and authorise; None for anything not plainly OK."""
@@ -495,24 +547,67 @@ class FastChannel(Protocol):
             return None
         return route, record
 
-    def _hand_off(self) -> None:
-        """Give the connection (and the bytes read so far) to C{twisted.web}."""
+    # -- twisted.web -----------------------------------------------------------
+
+    def _hand_off(self, request: RequestHead) -> None:
+        """
+        Give the connection to C{twisted.web} from C{request} on.  The
+        transport keeps delivering to this object, which keeps framing.
+        """
         self._cancel_timer()
         self._factory.channel_gone(self)
         transport = self.transport
         assert transport is not None
         channel = self._factory.site.buildProtocol(self._addr)
+        # The header timer stays here, running from accept, and is never
+        # restarted by the hand-off.
+        channel.header_timeout = None
+        channel.on_idle = self._delegate_idle
         self._delegate = channel
         if self._paused:
             self._paused = False
             transport.resumeProducing()  # type: ignore[attr-defined]
-        if getattr(transport, "protocol", None) is self:
-            # Plain TCP and unix connections: later reads skip this object.
-            transport.protocol = channel  # type: ignore[attr-defined]
         channel.makeConnection(transport)
-        data, self._buf = self._buf, b""
-        if data:
-            channel.dataReceived(data)
+        self._to_delegate(request)
+        if self._head_since is not None:
+            self._arm()
+
+    def _to_delegate(self, event: Event) -> None:
+        """Feed C{twisted.web} the canonical bytes of one framed event."""
+        delegate = self._delegate
+        if type(event) is RequestHead:
+            self._head_since = None
+            self._cancel_timer()
+            self._delegate_chunked = event.content_length is None
+            self._delegate_in_body = True
+            delegate.dataReceived(_serialize_head(event))
+        elif type(event) is Data:
+            data = event.data
+            if self._delegate_chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            delegate.dataReceived(data)
+        elif type(event) is EndOfMessage:
+            self._delegate_in_body = False
+            if self._delegate_chunked:
+                delegate.dataReceived(b"0\r\n\r\n")
+        elif type(event) is Switched:
+            self._switched = True
+            delegate.dataReceived(event.data)
+        elif type(event) is FramingError:
+            if self._delegate_in_body:
+                # A body the framing refused (a bad chunk, say): the request
+                # in progress cannot be completed; cut the connection.
+                self.abort()
+                return
+            self._pending_error = event
+            if not delegate.requests:
+                self._delegate_idle()
+
+    def _delegate_idle(self) -> None:
+        """C{twisted.web} finished its responses: a refusal may go out now."""
+        refusal, self._pending_error = self._pending_error, None
+        if refusal is not None and self.transport is not None:
+            self._refuse(refusal)
 
     def exchange_done(self, persistent: bool) -> None:
         """The current response is complete."""
@@ -524,10 +619,19 @@ class FastChannel(Protocol):
             return
         self._idle_since = time.monotonic()
         self._update_reading()
-        if self._buf:
-            self._next_request()
+        if self._events:
+            self._process()
+        if self._buf and not self._closing and self._may_frame():
+            # Bytes that waited behind the response: the next request, or
+            # the rest of the body of one the queued events just started.
+            buf, self._buf = self._buf, b""
+            self._feed(buf)
         if self._exchange is None and self._delegate is None:
             self._arm()
+
+    def _may_frame(self) -> bool:
+        """Whether bytes may be framed now: no exchange, or its body is arriving."""
+        return self._exchange is None or self._in_body
 
     def close_when_idle(self) -> None:
         """Drain: close now if no response is in flight, else after it."""
@@ -552,10 +656,15 @@ class FastChannel(Protocol):
 
     # -- flow control ----------------------------------------------------------
 
+    @property
+    def pipelined_bytes(self) -> int:
+        """Bytes of later requests waiting for the current response."""
+        return len(self._buf)
+
     def _update_reading(self) -> None:
         exchange = self._exchange
         want = len(self._buf) > PIPELINE_LIMIT or (
-            exchange is not None and self._upload_left > 0 and exchange.upload_blocked()
+            exchange is not None and self._in_body and exchange.upload_blocked()
         )
         if want != self._paused and self.transport is not None and not self._closing:
             self._paused = want
@@ -570,16 +679,21 @@ class FastChannel(Protocol):
 
     def _deadline(self) -> float | None:
         factory = self._factory
-        deadline = None
+        head = None
+        if self._head_since is not None and factory.header_timeout:
+            head = self._head_since + factory.header_timeout
+        if self._delegate is not None:
+            # twisted.web times idle connections; the header timer is ours.
+            return head
         exchange = self._exchange
         if exchange is not None:
             # One timer per connection: the exchange's idle deadline only
             # moves later, so the timer re-arms itself when it fires early.
             return exchange.last + factory.idle_timeout if factory.idle_timeout else None
+        deadline = None
         if self._idle_since is not None and factory.idle_timeout:
             deadline = self._idle_since + factory.idle_timeout
-        if self._head_since is not None and factory.header_timeout:
-            head = self._head_since + factory.header_timeout
+        if head is not None:
             deadline = head if deadline is None else min(deadline, head)
         return deadline
 
@@ -596,17 +710,17 @@ class FastChannel(Protocol):
 
     def _expired(self) -> None:
         self._timer = None
-        if self._delegate is not None or self._closing:
+        if self._closing or self._switched:
             return
         deadline = self._deadline()
         if deadline is None:
             return
         if time.monotonic() < deadline:
             self._arm()
-        elif self._exchange is not None:
+        elif self._exchange is not None and self._delegate is None:
             self._exchange.idle_expired()
         elif self._head_since is not None:
-            # A head that takes too long (slowloris).
+            # A head that takes too long (slowloris), or never starts.
             self.abort()
         else:
             # Idle keep-alive.
@@ -769,8 +883,6 @@ class _Exchange:
         assert transport is not None
         pending, self.pending = self.pending, []
         _send(transport, self.request_bytes() + b"".join(pending) if pending else self.request_bytes())
-        if not self.upload_done and self.channel._upload_left == 0:
-            self.upload_done = True
         if not self.upload_done:
             transport.registerProducer(_UploadControl(self), True)  # type: ignore[attr-defined]
         self.channel.update_reading()
@@ -784,11 +896,9 @@ class _Exchange:
 
     # -- upload ---------------------------------------------------------------
 
-    def upload(self, data: bytes, last: bool) -> None:
-        """Body bytes from the client."""
+    def upload(self, data: bytes) -> None:
+        """Body bytes from the client (framing removed)."""
         self.last = time.monotonic()
-        if last:
-            self.upload_done = True
         upstream = self.upstream
         if upstream is None or self._done:
             if not self._done:
@@ -797,8 +907,15 @@ class _Exchange:
         transport = upstream.transport
         assert transport is not None
         _send(transport, data)
-        if last:
-            transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def upload_end(self) -> None:
+        """The client's request is complete."""
+        if self.upload_done:
+            return
+        self.upload_done = True
+        upstream = self.upstream
+        if upstream is not None and not self._done and upstream.transport is not None:
+            upstream.transport.unregisterProducer()  # type: ignore[attr-defined]
             self._upload_paused = False
 
     def upload_blocked(self) -> bool:
@@ -811,53 +928,51 @@ class _Exchange:
 
     # -- response -------------------------------------------------------------
 
-    def response_head(
-        self,
-        code: int,
-        phrase: bytes,
-        block: bytes,
-        low: bytes,
-        listed: frozenset[bytes],
-        length: int | None,
-        bodyless: bool,
-    ) -> None:
+    def response_head(self, response: ResponseHead) -> None:
         """
-        The backend's response head: write ours to the client.  C{block} is
-        its header lines, C{low} the same lower-cased after a newline.
+        The backend's response head (accepted by the framing policy):
+        write ours to the client.
         """
         self.last = time.monotonic()
         self._responded = True
+        code = response.status
         self._status = code
         channel = self.channel
-        head_only = self.head.method == b"HEAD"
-        lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase or RESPONSES.get(code, b"Unknown Status"))]
+        # Written by the ingress: a validated code and the backend's reason
+        # phrase only when it holds no control byte (else the standard one).
+        lines = [status_line(code, response.reason)]
         if not self.persistent:
             lines.append(b"Connection: close\r\n")
         prefix = self.route.prefix
-        if listed - _PLAIN_TOKENS or (prefix and b"\nlocation:" in low):
-            # Headers named in Connection, or a Location to rebase: line by line.
-            strip = _STRIP_RESPONSE | listed
-            for line in block.split(b"\r\n")[:-1]:
-                name, _, value = line.partition(b":")
-                lowered = name.lower()
-                if lowered in strip:
-                    continue
-                if prefix and lowered == b"location":
-                    line = name + b": " + rebase_location(value.strip(b" \t"), prefix)
-                lines += (line, b"\r\n")
-        else:
-            lines.append(_STRIP_LINES.sub(b"", block))
-        if b"\ndate:" not in low:
+        listed = response.listed
+        strip = _STRIP_RESPONSE | listed if listed else _STRIP_RESPONSE
+        dated = False
+        names = _names
+        for name, value in response.headers:
+            low = names.get(name)
+            if low is None:
+                low = _lower(name)
+            if low in strip:
+                continue
+            if low == b"date":
+                dated = True
+            elif prefix and low == b"location":
+                value = rebase_location(value, prefix)
+            lines += (name, b": ", value, b"\r\n")
+        if not dated:
             lines += (b"Date: ", _http_date(time.time()), b"\r\n")
+        framing = response.framing
+        bodyless = framing == "none"
         if code in _NO_BODY:
             pass
-        elif head_only:
-            # The length a GET would have: HEAD's answer carries it too.
-            if length is not None:
-                lines.append(b"Content-Length: %d\r\n" % length)
-        elif length is not None and not bodyless:
-            lines.append(b"Content-Length: %d\r\n" % length)
+        elif bodyless:
+            # HEAD: the length a GET would have, as the backend said it.
+            if response.content_length is not None:
+                lines.append(b"Content-Length: %d\r\n" % response.content_length)
+        elif framing == "length":
+            lines.append(b"Content-Length: %d\r\n" % response.content_length)  # type: ignore[str-format]
         else:
+            # Chunked or read-until-close: re-framed as chunked.
             self._chunked = True
         lines += (POWERED_BY[0], b": ", POWERED_BY[1][0], b"\r\n")
         if self._chunked:
@@ -875,7 +990,7 @@ class _Exchange:
 
     def response_data(self, data: bytes) -> None:
         """Response body bytes from the backend."""
-        if self._done:
+        if self._done or not data:
             return
         self.last = time.monotonic()
         self._sent += len(data)
@@ -942,6 +1057,22 @@ class _Exchange:
         self.persistent = False
         self._finish(self._status)
 
+    def upstream_invalid(self, why: str, responded: bool) -> None:
+        """
+        The backend's response is not one to relay (never retried: the
+        backend answered, badly): 502 C{upstream_invalid_response} before
+        the response head, a cut client connection after it.
+        """
+        self.upstream = None
+        if self._done:
+            return
+        if responded:
+            self.upstream_lost(Failure(ierror.ConnectionLost(why)), True)
+            return
+        target = f"{self.endpoint}:{self.route.port}"
+        self.core.metrics.upstream_error("invalid")
+        self._send_error(UpstreamInvalidResponse(f"upstream {target} sent an invalid response: {why}"))
+
     def _key(self) -> tuple[str, str, int]:
         return (self.record.generation or self.record.name, self.endpoint, self.route.port)
 
@@ -956,31 +1087,18 @@ class _Exchange:
             self.core.metrics.upstream_error("connect")
             assert failure is not None
             error = UpstreamUnreachable(f"upstream {target} unreachable: {_describe(failure)}")
+        self._send_error(error)
+
+    def _send_error(self, error: IngressError) -> None:
+        """Answer C{error} (rendered by the one renderer) and end the exchange."""
         if self._responded:
             self.channel.abort()
         else:
             self._responded = True
-            body = error.body()
-            self._sent = len(body)
-            lines = [b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b""))]
-            if not self.persistent:
-                lines.append(b"Connection: close\r\n")
-            lines += (
-                b"Date: ",
-                _http_date(time.time()),
-                b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-                % len(body),
-                ERROR_HEADER,
-                b": ",
-                error.code.encode("ascii"),
-                b"\r\n",
-            )
-            for name, value in error.extra_headers():
-                lines += (name, b": ", value, b"\r\n")
-            lines += (b"\r\n", body)
+            self._sent = len(error.body())
             transport = self.channel.transport
             assert transport is not None
-            _send(transport, b"".join(lines))
+            _send(transport, error_response(error, not self.persistent, _http_date(time.time())))
         if not self.upload_done:
             self.persistent = False
         self._finish(error.status)
@@ -1129,16 +1247,12 @@ class _ReadUpstream:
         self._upstream = None
 
 
-# Response parser states.
-_IDLE, _HEAD_STATE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE = range(
-    8
-)
-
-
 class _Upstream(Protocol):
     """
-    One connection to a backend: writes requests, parses responses and
-    feeds them to its current L{_Exchange}.  Pooled between exchanges.
+    One connection to a backend: writes requests, frames responses with
+    the framing layer and feeds them to its current L{_Exchange}.  Pooled
+    between exchanges; any byte it was not asked for (after a response, or
+    while idle in the pool) closes it.
     """
 
     def __init__(
@@ -1149,9 +1263,7 @@ class _Upstream(Protocol):
         self._dial = dial
         self.exchange: _Exchange | None = None
         self.idle_since = 0.0
-        self._state = _IDLE
-        self._buf = b""
-        self._left = 0
+        self._parser = response_parser()
         self._reusable = True
         self._responded = False
         self._connected = False
@@ -1179,8 +1291,7 @@ class _Upstream(Protocol):
     def attach(self, exchange: _Exchange, reused: bool) -> None:
         """Serve C{exchange} next."""
         self.exchange = exchange
-        self._state = _HEAD_STATE
-        self._buf = b""
+        self._parser.expect(exchange.head.method)
         self._reusable = True
         self._responded = False
         exchange.attached(self, reused)
@@ -1188,7 +1299,6 @@ class _Upstream(Protocol):
     def release(self, reusable: bool) -> None:
         """The exchange is over with this connection."""
         self.exchange = None
-        self._state = _IDLE
         if reusable and self._reusable and self.transport is not None and self._connected:
             self.pool.put(self)
         elif self.transport is not None:
@@ -1198,212 +1308,66 @@ class _Upstream(Protocol):
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._connected = False
         self.pool.discard(self)
-        exchange, self.exchange = self.exchange, None
-        if exchange is None:
-            return
-        if self._state == _UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
-            self._state = _IDLE
-            exchange.response_end(False)
-            return
-        exchange.upstream_lost(reason, self._responded)
-
-    def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:
+            return
+        if self._responded and reason.check(ierror.ConnectionDone):
+            # A clean close ends a read-until-close body; any other body
+            # it cuts short is a lost connection, below.
+            for event in self._parser.feed_eof():
+                if type(event) is EndOfMessage:
+                    self._reusable = False
+                    self._end()
+                    return
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(reason, self._responded)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.exchange is None:
             # Bytes nobody asked for: this connection cannot be trusted.
             self._reusable = False
             if self.transport is not None:
                 self.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        state = self._state
-        if state == _LENGTH:
-            left = self._left
-            if len(data) <= left:
-                self._left = left - len(data)
-                exchange.response_data(data)
-                if self._left == 0:
-                    self._end()
+        self._events(self._parser.feed(data))
+
+    def _events(self, events: list[Event]) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        for event in events:
+            if type(event) is Data:
+                exchange.response_data(event.data)
+            elif type(event) is ResponseHead:
+                if not event.keep_alive:
+                    self._reusable = False
+                self._responded = True
+                exchange.response_head(event)
+            elif type(event) is EndOfMessage:
+                if not event.clean:
+                    self._reusable = False
+                self._end()
                 return
-            self._reusable = False
-            exchange.response_data(data[:left])
-            self._left = 0
-            self._end()
-            return
-        if state == _UNTIL_CLOSE:
-            exchange.response_data(data)
-            return
-        if state == _HEAD_STATE:
-            self._head(data)
-            return
-        if state == _IDLE:
-            return
-        self._chunks(data)
+            elif type(event) is FramingError:
+                self._fail(event.reason)
+                return
+            if self.exchange is not exchange:
+                return
+        # The head is held until body bytes come; send it with this read.
+        exchange.flush()
 
     def _fail(self, why: str) -> None:
+        """The backend sent bytes the ingress does not relay: drop it."""
         self._reusable = False
         exchange, self.exchange = self.exchange, None
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
         if exchange is not None:
-            exchange.upstream_lost(Failure(ierror.ConnectionLost(why)), self._responded)
-
-    def _head(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_RESPONSE_HEAD:
-                    self._fail("response head too long")
-                else:
-                    self._buf = buf
-                return
-            first = buf.find(b"\r\n")
-            rest = buf[end + 4 :]
-            status = buf[:first].split(b" ", 2)
-            if len(status) < 2 or status[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
-                self._fail("invalid status line")
-                return
-            try:
-                code = int(status[1])
-            except ValueError:
-                code = 0
-            if not 100 <= code <= 999 or len(status[1]) != 3:
-                self._fail("invalid status line")
-                return
-            if 100 <= code < 200:
-                if code == 101:
-                    self._fail("unexpected protocol switch")
-                    return
-                buf = rest  # interim response: wait for the final one
-                continue
-            break
-        # The header lines as one block: validated, searched and filtered
-        # with a few regular expressions rather than line by line.
-        block = buf[first + 2 : end + 2] if first < end else b""
-        if not _RESPONSE_BLOCK.fullmatch(block):
-            self._fail("invalid response header")
-            return
-        low = b"\n" + block.lower()
-        length: int | None = None
-        for value in _field_values(low, b"\ncontent-length:"):
-            if not _DIGITS.fullmatch(value) or (length is not None and int(value) != length):
-                self._fail("invalid Content-Length")
-                return
-            length = int(value)
-        chunked = False
-        codings = _field_values(low, b"\ntransfer-encoding:")
-        if codings:
-            chunked = codings[-1].rsplit(b",", 1)[-1].strip(b" \t") == b"chunked"
-            if not chunked:
-                self._reusable = False
-        listed: frozenset[bytes] = frozenset()
-        for value in _field_values(low, b"\nconnection:"):
-            listed = listed | frozenset(t.strip(b" \t") for t in value.split(b","))
-        if b"close" in listed:
-            self._reusable = False
-        if status[0] == b"HTTP/1.0" and b"keep-alive" not in listed:
-            self._reusable = False
-        exchange = self.exchange
-        assert exchange is not None
-        self._responded = True
-        bodyless = exchange.head.method == b"HEAD" or code in _NO_BODY
-        if chunked:
-            length = None
-        exchange.response_head(
-            code, status[2] if len(status) > 2 else b"", block, low, listed, length, bodyless
-        )
-        if self.exchange is not exchange:
-            return
-        if bodyless:
-            self._reusable = self._reusable and not rest
-            self._end()
-            return
-        if chunked:
-            self._state = _CHUNK_SIZE
-            self._buf = b""
-            if rest:
-                self._chunks(rest)
-        elif length is not None:
-            self._state = _LENGTH
-            self._left = length
-            self._buf = b""
-            if length == 0:
-                self._reusable = self._reusable and not rest
-                self._end()
-            elif rest:
-                self.dataReceived(rest)
-        else:
-            self._state = _UNTIL_CLOSE
-            self._reusable = False
-            self._buf = b""
-            if rest:
-                exchange.response_data(rest)
-        exchange.flush()
-
-    def _chunks(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        self._buf = b""
-        pos = 0
-        n = len(buf)
-        out: list[bytes] = []
-        state = self._state
-        done = False
-        while pos < n:
-            if state == _CHUNK_DATA:
-                take = min(self._left, n - pos)
-                out.append(buf[pos : pos + take])
-                pos += take
-                self._left -= take
-                if self._left == 0:
-                    state = _CHUNK_CRLF
-            elif state == _CHUNK_SIZE:
-                i = buf.find(b"\r\n", pos)
-                if i < 0:
-                    if n - pos > 4096:
-                        self._fail("invalid chunk size")
-                        return
-                    break
-                size = buf[pos:i].split(b";", 1)[0].strip(b" \t")
-                if not _HEX.fullmatch(size):
-                    self._fail("invalid chunk size")
-                    return
-                pos = i + 2
-                self._left = int(size, 16)
-                state = _CHUNK_DATA if self._left else _TRAILER
-            elif state == _CHUNK_CRLF:
-                if n - pos < 2:
-                    break
-                if buf[pos : pos + 2] != b"\r\n":
-                    self._fail("invalid chunk framing")
-                    return
-                pos += 2
-                state = _CHUNK_SIZE
-            else:  # _TRAILER: skip trailer fields up to the blank line
-                i = buf.find(b"\r\n", pos)
-                if i < 0:
-                    if n - pos > MAX_RESPONSE_HEAD:
-                        self._fail("trailers too long")
-                        return
-                    break
-                if i == pos:
-                    pos += 2
-                    done = True
-                    break
-                pos = i + 2
-        self._state = state
-        if pos < n and not done:
-            self._buf = buf[pos:]
-        exchange = self.exchange
-        if out and exchange is not None:
-            exchange.response_data(out[0] if len(out) == 1 else b"".join(out))
-        if done and self.exchange is exchange:
-            if pos < n:
-                self._reusable = False
-            self._end()
+            exchange.upstream_invalid(why, self._responded)
 
     def _end(self) -> None:
         exchange = self.exchange
-        self._state = _IDLE
         if exchange is not None:
             exchange.response_end(self._reusable)
 

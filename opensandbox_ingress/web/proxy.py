@@ -41,6 +41,7 @@ from ..errors import (
     ClientTimeout,
     IngressError,
     SandboxNotReady,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -49,6 +50,7 @@ from ..routing import Route
 from ..secure_access import SECURE_ACCESS_HEADER, check_access
 from .errors import render_error
 from .site import IngressRequest
+from .upstream import InvalidUpstreamResponse
 
 if TYPE_CHECKING:
     from ..service import IngressCore
@@ -84,7 +86,16 @@ _STRIP_REQUEST = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"x-forwarded-prefix",
 }
-_STRIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
+#: Response headers the client never sees: hop-by-hop, framing (the
+#: ingress frames the response itself), and the routing and secure-access
+#: headers (removed in both directions, so a sandbox cannot make a client
+#: hold or replay a credential or a route it did not send).
+_STRIP_RESPONSE = HOP_BY_HOP | {
+    b"content-length",
+    routing.INGRESS_TO_HEADER.lower(),
+    routing.LEGACY_INGRESS_HEADER.lower(),
+    SECURE_ACCESS_HEADER.lower(),
+}
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -347,15 +358,18 @@ def forward_request_headers(request: Request, endpoint: str, route: Route) -> He
     else:
         out.setRawHeaders(b"Host", [b"%s:%d" % (endpoint.encode("idna"), route.port)])
     ip = client_ip(request).encode("ascii", "replace")
-    prior = src.getRawHeaders(b"x-forwarded-for")
+    # An empty incoming value adds nothing (not ", client").
+    prior = [v for v in src.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
     out.setRawHeaders(
         b"X-Forwarded-For", [b", ".join(prior) + b", " + ip if prior else ip]
     )
-    if not src.hasHeader(b"x-forwarded-proto"):
+    # A client's own X-Forwarded-Proto/-Host is kept, unless it named the
+    # header in Connection (so it was dropped above): then the ingress's.
+    if not src.hasHeader(b"x-forwarded-proto") or b"x-forwarded-proto" in listed:
         out.setRawHeaders(
             b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"]
         )
-    if not src.hasHeader(b"x-forwarded-host"):
+    if not src.hasHeader(b"x-forwarded-host") or b"x-forwarded-host" in listed:
         host = src.getRawHeaders(b"host")
         if host:
             out.setRawHeaders(b"X-Forwarded-Host", host[:1])
@@ -523,6 +537,13 @@ class _Exchange:
             # The rest of the body will not come: this is the connection's
             # last response, and RFC 9110 (15.5.9) asks to say so.
             self._request.setHeader(b"Connection", b"close")
+        elif (invalid := _invalid(failure)) is not None:
+            # The framing layer refused the response head: nothing of it
+            # reaches the client.
+            error = UpstreamInvalidResponse(
+                f"upstream {target} sent an invalid response: {invalid}"
+            )
+            self._core.metrics.upstream_error("invalid")
         elif self._timed_out or failure.check(ierror.TimeoutError):
             error = UpstreamTimeout(f"upstream {target} timed out")
             self._core.metrics.upstream_error("timeout")
@@ -645,6 +666,18 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def _invalid(failure: Failure) -> str | None:
+    """The framing layer's reason when C{failure} is a refused response."""
+    if failure.check(ResponseFailed):
+        for reason in failure.value.reasons:
+            found = _invalid(reason)
+            if found is not None:
+                return found
+    if failure.check(InvalidUpstreamResponse):
+        return str(failure.value)
+    return None
 
 
 def _describe(failure: Failure) -> str:

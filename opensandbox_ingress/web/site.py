@@ -17,6 +17,7 @@ U{https://github.com/twisted/twisted/blob/trunk/src/twisted/web/http.py}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -235,6 +236,19 @@ class IngressRequest(Request):
             return
         super().requestReceived(command, path, version)
 
+    def _handleStar(self) -> None:
+        # Twisted answers "OPTIONS *" itself (an empty 200 with its own
+        # Server header, Request._handleStar in
+        # https://github.com/twisted/twisted/blob/trunk/src/twisted/web/server.py);
+        # an ingress routes it like any request: forwarded to the sandbox,
+        # or the ingress's own error.
+        site = self.site
+        assert site is not None  # process() set it
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
     def finish(self) -> None:
         body = self.body
         channel = self.channel
@@ -274,6 +288,9 @@ class IngressChannel(HTTPChannel):
     """
 
     header_timeout: float | None = None
+    #: Called when the last outstanding request is done (the fast path
+    #: writes a refusal that was waiting for the responses before it).
+    on_idle: Callable[[], None] | None = None
     _header_call: IDelayedCall | None = None
     _awaiting_headers = True
     #: A request answered before its body arrived, whose rest is being
@@ -352,6 +369,8 @@ class IngressChannel(HTTPChannel):
             return
         self._awaiting_headers = True
         super().requestDone(request)
+        if not self.requests and self.on_idle is not None:
+            self.on_idle()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._cancel_header_timer()

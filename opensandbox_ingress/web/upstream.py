@@ -25,11 +25,15 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
+
+from ..framing import EndOfMessage, FramingError, ResponseParser, response_parser
 
 #: How many recently dropped generations are remembered, so that a request
 #: still in flight when its sandbox changed does not return its connection
@@ -44,14 +48,54 @@ POOLED_IDLE_S = 60.0
 
 PoolKey = tuple[str, str, int]
 
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+
+class InvalidUpstreamResponse(Exception):
+    """The framing layer refused the backend's response (its reason)."""
+
 
 class _IngressClientProtocol(HTTP11ClientProtocol):
     """
-    Records the response's C{Connection} header on the response
+    Twisted's client, with the ingress's framing layer in front: every
+    response byte is framed by L{opensandbox_ingress.framing} first (the
+    same parser and policy as the fast path), and a response it refuses
+    never reaches Twisted's parser; the request fails with
+    L{InvalidUpstreamResponse}.  (Twisted's parser reads a bare LF as a
+    line end and takes any integer status.)
+
+    Also records the response's C{Connection} header on the response
     (C{connection_header}): Twisted's client files it among the connection
     control headers, out of C{response.headers}, but a proxy must also drop
     the headers that C{Connection} lists (RFC 9110 section 7.6.1).
     """
+
+    _framing: ResponseParser | None = None
+    _invalid: str | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        framing = self._framing
+        taint = False
+        if framing is not None:
+            for event in framing.feed(data):
+                if type(event) is FramingError:
+                    self._invalid = event.reason
+                    self._framing = None
+                    assert self.transport is not None
+                    self.transport.abortConnection()  # type: ignore[attr-defined]
+                    return
+                if type(event) is EndOfMessage:
+                    self._framing = None
+                    taint = not event.clean
+        super().dataReceived(data)
+        if taint and self.transport is not None:
+            # Bytes followed the response: never reuse this connection.
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        if self._invalid is not None:
+            reason = Failure(InvalidUpstreamResponse(self._invalid))
+        super().connectionLost(reason)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -61,6 +105,9 @@ class _IngressClientProtocol(HTTP11ClientProtocol):
             self.transport.setTcpNoDelay(True)
 
     def request(self, request: Any) -> Deferred[IResponse]:
+        framing = response_parser()
+        framing.expect(request.method)
+        self._framing = framing
         d = super().request(request)
         parser = self._parser
 
