@@ -53,12 +53,17 @@ class RenewIntentConfig:
     """Settings of the OSEP-0009 renew-intent publisher."""
 
     enabled: bool = False
-    redis_dsn: str = DEFAULT_REDIS_DSN
+    #: May carry a password: kept out of C{repr} (and so out of any log of
+    #: the configuration).
+    redis_dsn: str = field(default=DEFAULT_REDIS_DSN, repr=False)
     queue_key: str = DEFAULT_QUEUE_KEY
     #: LTRIM the list to this many entries after each push; 0 = no cap.
     queue_max_len: int = 0
     #: Seconds between two intents for the same sandbox.
     min_interval_s: float = 60.0
+    #: Keep the per-sandbox throttle in Redis, shared by every replica and
+    #: worker (L{opensandbox_ingress.shared_throttle}).
+    shared_throttle: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,10 @@ class IngressConfig:
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     #: OSEP-0011 verification keys: key id (one character) -> secret.
-    secure_access_keys: tuple[tuple[str, bytes], ...] = ()
+    secure_access_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    #: A file of OSEP-0011 keys (same syntax, one a line), re-read when it
+    #: changes; exclusive with C{secure_access_keys}.
+    secure_access_keys_file: str | None = None
     renew_intent: RenewIntentConfig = field(default_factory=RenewIntentConfig)
     sandboxes_file: str | None = None
     kubeconfig: str | None = None
@@ -132,6 +140,11 @@ class IngressConfig:
             )
         if not self.listen:
             raise ConfigError("listen", "at least one listener is required")
+        if self.secure_access_keys and self.secure_access_keys_file:
+            raise ConfigError(
+                "secure-access-keys-file",
+                "give --secure-access-keys or --secure-access-keys-file, not both",
+            )
         if self.provider_type == "file" and not self.sandboxes_file:
             raise ConfigError(
                 "sandboxes-file", "required with --provider-type file"

@@ -15,12 +15,28 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import platform
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from . import buildinfo
+
+# `*_created` series (one per counter and histogram child) double the
+# series count and mean nothing summed over workers; prometheus_client
+# can only turn them off process-wide.
+disable_created_metrics()
 
 #: Request duration buckets, seconds: sub-millisecond proxying up to long polls.
 DURATION_BUCKETS = (
@@ -72,6 +88,13 @@ class IngressMetrics:
         self.client_errors.labels("timeout")
         self._state = _StateCollector()
         self.registry.register(self._state)
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... of
+        # this process (Linux /proc; nothing elsewhere).
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_BuildInfoCollector())
+        #: With --workers: returns the whole process tree's exposition
+        #: (set by the worker; see L{opensandbox_ingress.workers}).
+        self.tree_exposition: Callable[[], Any] | None = None
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, kind: str, status: int, duration_s: float) -> None:
@@ -142,3 +165,83 @@ class _StateCollector(Collector):
         # Describing would call every reader at registration time; nothing
         # here needs collision checks beyond unique names.
         return iter(())
+
+
+class _BuildInfoCollector(Collector):
+    """C{opensandbox_ingress_build_info{version,commit,python} 1}."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = buildinfo.current()
+        family = GaugeMetricFamily(
+            "opensandbox_ingress_build_info",
+            "Build metadata of the running ingress; always 1.",
+            labels=["version", "commit", "python"],
+        )
+        family.add_metric([info.version, info.git_commit, platform.python_version()], 1.0)
+        yield family
+
+
+#: How L{merge_expositions} combines one series over processes, by family
+#: name; everything else is summed (counters, histograms, in-flight gauges,
+#: CPU seconds, memory, descriptors).
+_MERGE_MIN = frozenset({"opensandbox_ingress_registry_synced", "process_start_time_seconds"})
+_MERGE_MAX = frozenset(
+    {
+        # Every worker holds the same sandboxes: the tree knows as many as
+        # the best-informed worker, not N times as many.
+        "opensandbox_ingress_sandboxes",
+        "opensandbox_ingress_build_info",
+        "process_max_fds",
+    }
+)
+
+
+def merge_expositions(texts: Iterable[bytes]) -> bytes:
+    """
+    One Prometheus text exposition for several processes (the workers and
+    their supervisor): each series summed over the processes that report
+    it, except a few taken as the minimum (C{registry_synced}: 1 only when
+    every worker is synced; C{process_start_time_seconds}) or maximum
+    (sandboxes known, C{build_info}, C{process_max_fds}).
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            combine = (
+                min if family.name in _MERGE_MIN else max if family.name in _MERGE_MAX else None
+            )
+            series = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = series.get(key)
+                if old is None:
+                    series[key] = sample.value
+                elif combine is None:
+                    series[key] = old + sample.value
+                else:
+                    series[key] = combine(old, sample.value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families, values))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    """Yields already computed families (for L{merge_expositions})."""
+
+    def __init__(
+        self,
+        families: dict[str, Metric],
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]],
+    ) -> None:
+        self._families = families
+        self._values = values
+
+    def collect(self) -> Iterator[Metric]:
+        for name, family in self._families.items():
+            for (sample_name, labels), value in self._values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,10 +20,12 @@ from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     textFileLogObserver,
 )
@@ -93,7 +96,35 @@ def make_log_observer(level: str, fmt: str, out: IO[str]) -> ILogObserver:
     else:
         inner = textFileLogObserver(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    return FilteringLogObserver(inner, [predicate])
+    return FilteringLogObserver(inner, [PortNoiseFilter(), predicate])
+
+
+#: The lines Twisted's listening ports log unconditionally through the
+#: legacy C{log.msg} (C{"FastIngressFactory starting on 28888"}, C{"(TCP
+#: Port 28888 Closed)"}; see C{twisted/internet/tcp.py} C{Port.startListening}
+#: and C{connectionLost}): a factory's C{noisy = False} does not cover them.
+_PORT_NOISE = re.compile(r"\S+ starting on \S+|\((?:[A-Z]+ )?Port \S+ Closed\)")
+
+
+@implementer(ILogFilterPredicate)
+class PortNoiseFilter:
+    """
+    A log filter predicate that drops Twisted's own port start/stop lines;
+    the ingress logs C{listening on <endpoint> (<address>)} instead, once,
+    with the endpoint the operator gave.
+    """
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_namespace") == "log_legacy" and not event.get("isError"):
+            message = event.get("message")
+            if (
+                isinstance(message, tuple)
+                and len(message) == 1
+                and isinstance(message[0], str)
+                and _PORT_NOISE.fullmatch(message[0])
+            ):
+                return PredicateResult.no
+        return PredicateResult.maybe
 
 
 class _TwistedLoggerHandler(logging.Handler):

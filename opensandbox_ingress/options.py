@@ -26,6 +26,7 @@ from .config import (
     parse_seconds,
     parse_secure_access_keys,
 )
+from .secret_files import DSN_ENV, load_keys_file, resolve_redis_dsn
 
 
 class IngressOptions(usage.Options):
@@ -40,6 +41,7 @@ class IngressOptions(usage.Options):
     optFlags = [
         ["all-namespaces", None, "Watch sandbox resources cluster-wide."],
         ["renew-intent-enabled", None, "Publish OSEP-0009 renew intents to Redis."],
+        ["renew-intent-shared-throttle", None, "Keep the per-sandbox throttle in Redis, shared by all replicas and workers."],
     ]
 
     optParameters = [
@@ -50,7 +52,9 @@ class IngressOptions(usage.Options):
         ["log-level", None, "info", "Log level: debug, info, warn or error."],
         ["log-format", None, "text", "Log format: text or json (one object per line)."],
         ["secure-access-keys", None, "", "OSEP-0011 verification keys: id=BASE64[,id=base64:BASE64...]."],
-        ["renew-intent-redis-dsn", None, DEFAULT_REDIS_DSN, "Redis DSN for renew intents (may carry user:password@; rediss:// for TLS)."],
+        ["renew-intent-redis-dsn", None, None, f"Redis DSN for renew intents (may carry user:password@; rediss:// for TLS) [default: ${DSN_ENV}, else {DEFAULT_REDIS_DSN}]."],
+        ["renew-intent-redis-dsn-file", None, None, f"Read the Redis DSN from this file instead (keeps a password out of argv; or set ${DSN_ENV})."],
+        ["secure-access-keys-file", None, None, "Read the OSEP-0011 keys from this file (same syntax, one a line); re-read when it changes."],
         ["renew-intent-queue-key", None, DEFAULT_QUEUE_KEY, "Redis list key for renew intents."],
         ["renew-intent-queue-max-len", None, "0", "LTRIM the list to this length after each push; 0 = no cap."],
         ["renew-intent-min-interval", None, "60", "Seconds between two intents for the same sandbox."],
@@ -117,9 +121,12 @@ def config_from_options(options: Any) -> IngressConfig:
         log_level=options["log-level"],
         log_format=options["log-format"],
         secure_access_keys=parse_secure_access_keys(options["secure-access-keys"] or ""),
+        secure_access_keys_file=options.get("secure-access-keys-file") or None,
         renew_intent=RenewIntentConfig(
             enabled=bool(options["renew-intent-enabled"]),
-            redis_dsn=options["renew-intent-redis-dsn"],
+            redis_dsn=resolve_redis_dsn(
+                options.get("renew-intent-redis-dsn"), options.get("renew-intent-redis-dsn-file")
+            ),
             queue_key=options["renew-intent-queue-key"],
             queue_max_len=parse_int(
                 str(options["renew-intent-queue-max-len"]), "renew-intent-queue-max-len"
@@ -127,6 +134,7 @@ def config_from_options(options: Any) -> IngressConfig:
             min_interval_s=parse_seconds(
                 str(options["renew-intent-min-interval"]), "renew-intent-min-interval"
             ),
+            shared_throttle=bool(options.get("renew-intent-shared-throttle")),
         ),
         sandboxes_file=options["sandboxes-file"],
         kubeconfig=options["kubeconfig"],
@@ -144,7 +152,12 @@ def config_from_options(options: Any) -> IngressConfig:
         shutdown_timeout_s=parse_seconds(str(options["shutdown-timeout"]), "shutdown-timeout"),
         workers=parse_int(str(options["workers"]), "workers", minimum=1),
     )
-    return config.validate()
+    config.validate()
+    if config.secure_access_keys_file:
+        # Read it now too, so that a broken file stops the start (also of
+        # a --workers supervisor, which never builds an ingress itself).
+        load_keys_file(config.secure_access_keys_file)
+    return config
 
 
 def _check_endpoint(description: str, flag: str) -> None:

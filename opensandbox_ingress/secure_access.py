@@ -14,7 +14,7 @@ import hmac
 import math
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from ._compat import DATACLASS_SLOTS
@@ -179,3 +179,33 @@ def check_access(
         verify_signed_route(keys, sandbox_id, port, signed, now)
         return
     raise Unauthorized("sandbox requires secure access")
+
+
+class KeyRing(Mapping[str, bytes]):
+    """
+    The live OSEP-0011 verification keys (key id -> secret).
+
+    A mapping whose contents are replaced whole by L{replace} (the keys
+    file watcher, on the reactor thread), so holders of the ring see a
+    rotation at once without being rebuilt.  Its C{repr} shows the key ids,
+    never the secrets.
+    """
+
+    def __init__(self, keys: Iterable[tuple[str, bytes]] = ()) -> None:
+        self._keys: dict[str, bytes] = dict(keys)
+
+    def replace(self, keys: Iterable[tuple[str, bytes]]) -> None:
+        """Make C{keys} the whole key set (reactor thread)."""
+        self._keys = dict(keys)
+
+    def __getitem__(self, key_id: str) -> bytes:
+        return self._keys[key_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"<KeyRing ids={sorted(self._keys)}>"

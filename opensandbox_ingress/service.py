@@ -23,6 +23,9 @@ from .metrics import IngressMetrics
 from .observability import AccessLog, log_build_info
 from .registry import SandboxRegistry
 from .renew import RenewIntentPublisher
+from .secret_files import keys_watcher_for
+from .secure_access import KeyRing
+from .shared_throttle import SharedThrottlePublisher
 from .sources import build_source, name_candidates_for
 from .web.admin import AdminResource, AdminSite
 from .web.fast import FastIngressFactory
@@ -48,7 +51,18 @@ class IngressCore:
         self.registry = SandboxRegistry(name_candidates_for(config))
         self.upstream = UpstreamClient(reactor, config.upstream_connect_timeout_s)
         self.registry.add_change_listener(self._record_changed)
-        self.renew = RenewIntentPublisher(reactor, config.renew_intent)
+        #: The live OSEP-0011 keys: the flag's, or the keys file's (the
+        #: watcher replaces them in place when the file changes).
+        self.secure_access_keys = KeyRing(config.secure_access_keys)
+        #: Re-reads C{--secure-access-keys-file}, if given; loaded now, so a
+        #: broken file stops the start with a L{ConfigError}.
+        self.keys_watcher = keys_watcher_for(config, self.secure_access_keys, reactor)
+        publisher = (
+            SharedThrottlePublisher
+            if config.renew_intent.shared_throttle
+            else RenewIntentPublisher
+        )
+        self.renew: RenewIntentPublisher = publisher(reactor, config.renew_intent)
         self.metrics = IngressMetrics(config.mode)
         self.access_log = AccessLog(metrics=self.metrics)
         self.proxy = Proxy(self)
@@ -220,6 +234,8 @@ class IngressService(MultiService):
         self.source = build_source(config, self.core.registry, reactor)
         self.source.setServiceParent(self)
         self.core.renew.setServiceParent(self)
+        if self.core.keys_watcher is not None:
+            self.core.keys_watcher.setServiceParent(self)
         #: What the proxy listeners serve: the fast path, in front of C{site}.
         self.factory = FastIngressFactory(self.core, self.site)
         self.listeners = _Listeners(reactor, config.listen, self.factory)
@@ -369,14 +385,19 @@ def _export_state(core: IngressCore, source: Any) -> None:
             "opensandbox_ingress_watch_lists", "Kubernetes lists applied.", lambda: stats.lists
         )
     renew = core.renew
+
+    def shared() -> int:
+        # Intents another process had already published this interval.
+        return getattr(renew, "shared_throttled", 0)
+
     metrics.add_counter(
         "opensandbox_ingress_renew_intents",
         "Renew intents by outcome: published, throttled, dropped, failed.",
         lambda: (
             "outcome",
             {
-                "published": renew.stats.published,
-                "throttled": renew.stats.throttled,
+                "published": renew.stats.published - shared(),
+                "throttled": renew.stats.throttled + shared(),
                 "dropped": renew.stats.dropped_overflow,
                 "failed": renew.stats.failed,
             },

@@ -32,7 +32,9 @@ Limits: listeners must be C{tcp:}, C{tcp6:}, C{unix:} or C{systemd:}
 (an C{ssl:} listener is refused with a L{ConfigError} naming C{--workers}:
 terminate TLS in front or run one process).  The admin listener
 (C{--admin-listen}) is bound by the supervisor too but served by worker 0
-only: its C{/metrics} and routing view describe worker 0.
+only: its routing view describes worker 0, while its C{/metrics} is the
+whole tree's, merged by the supervisor over two extra pipes per worker
+(L{opensandbox_ingress.tree_metrics}).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import ConfigError, IngressConfig
+from .secret_files import DSN_ENV
+from .tree_metrics import SupervisorSide, TreeMetrics, WorkerSide
 
 #: Delay before the first restart of a crashed worker; doubles per quick crash.
 FIRST_BACKOFF_S = 0.25
@@ -212,6 +216,8 @@ class WorkerSupervisor(Service):
         self._bound: list[_Bound] | None = None
         self._stopping = False
         self._all_gone: list[Deferred[None]] = []
+        #: Merges the workers' metrics for worker 0's /metrics.
+        self.tree_metrics = TreeMetrics(reactor)
         # Workers are single-process ingresses; this is their configuration.
         self._config_json = config_to_json(replace(config, workers=1))
 
@@ -289,11 +295,16 @@ class WorkerSupervisor(Service):
             child_fds[fd] = bound.port.fileno()
             (admin if bound.admin else listen).append([fd, bound.family, bound.description])
             fd += 1
+        # The metrics channel: the worker reads to_worker, writes from_worker.
+        to_worker, from_worker = fd, fd + 1
+        child_fds[to_worker] = "w"
+        child_fds[from_worker] = "r"
         spec = {
             "worker": worker.index,
             "config": self._config_json,
             "listen": listen,
             "admin": admin,
+            "metrics": [to_worker, from_worker],
         }
         protocol = _WorkerProtocol(self, worker, json.dumps(spec).encode() + b"\n")
         argv = [sys.executable, "-m", "opensandbox_ingress.workers", f"--worker={worker.index}"]
@@ -309,6 +320,14 @@ class WorkerSupervisor(Service):
             return
         worker.process = process
         worker.pid = process.pid
+
+        def write(data: bytes) -> None:
+            try:
+                process.writeToChild(to_worker, data)
+            except (KeyError, OSError):  # the pipe is already closed
+                pass
+
+        protocol.attach_metrics(self.tree_metrics.attach(worker.index, write), from_worker)
         worker.started = self.reactor.seconds()
         self._log.info(
             "worker {worker} started (pid {pid})", worker=worker.index, pid=worker.pid
@@ -464,6 +483,9 @@ def _worker_environment() -> dict[str, str]:
     the same code.
     """
     env = dict(os.environ)
+    # Workers get the resolved DSN with their configuration, on stdin; a
+    # secret need not sit in one more process's environment.
+    env.pop(DSN_ENV, None)
     root = str(Path(__file__).resolve().parent.parent)
     installed = {str(Path(p).resolve()) for p in site.getsitepackages()}
     if root not in installed:
@@ -480,6 +502,19 @@ class _WorkerProtocol(ProcessProtocol):
         self._spec = spec
         self._out = b""
         self._err = b""
+        self._metrics: SupervisorSide | None = None
+        self._metrics_fd = -1
+
+    def attach_metrics(self, channel: SupervisorSide, fd: int) -> None:
+        """Feed what the worker writes on C{fd} to its metrics C{channel}."""
+        self._metrics = channel
+        self._metrics_fd = fd
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == self._metrics_fd and self._metrics is not None:
+            self._metrics.data_received(data)
+        else:
+            super().childDataReceived(childFD, data)
 
     def connectionMade(self) -> None:
         # stdin stays open: its EOF tells the worker the supervisor is gone.
@@ -509,6 +544,8 @@ class _WorkerProtocol(ProcessProtocol):
         if self._err:
             self._supervisor._relay_stderr(self._worker, self._err)
         self._out = self._err = b""
+        if self._metrics is not None:
+            self._supervisor.tree_metrics.detach(self._metrics)
         self._supervisor._worker_ended(self._worker, reason)
 
 
@@ -665,6 +702,16 @@ def run_worker(spec: dict[str, Any]) -> None:
     if service.admin_listeners is not None:
         for fd, family, description in spec["admin"]:
             service.admin_listeners.adopt(fd, family, description)
+    if spec.get("metrics"):
+        from twisted.internet.stdio import StandardIO
+
+        to_worker, from_worker = spec["metrics"]
+        side = WorkerSide(service.core.metrics.exposition, reactor)
+        # mypy reads the Windows signature of StandardIO; the POSIX one
+        # takes the descriptors to use instead of 0 and 1.
+        StandardIO(side, stdin=to_worker, stdout=from_worker, reactor=reactor)  # type: ignore[call-arg]
+        if index == 0:
+            service.core.metrics.tree_exposition = side.scrape
 
     stop = _Stopper(reactor)
 

@@ -65,6 +65,8 @@ class RecordedRequest:
     params: dict[str, str]
     authorization: str | None
     at: float
+    #: The client's C{User-Agent} header.
+    user_agent: str | None = None
 
     @property
     def watch(self) -> bool:
@@ -471,7 +473,12 @@ class FakeKubeAPI:
         parts = urlsplit(handler.path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         request = RecordedRequest(
-            "GET", parts.path, params, handler.headers.get("Authorization"), time.monotonic()
+            "GET",
+            parts.path,
+            params,
+            handler.headers.get("Authorization"),
+            time.monotonic(),
+            handler.headers.get("User-Agent"),
         )
         with self._cond:
             state = self._state

@@ -97,3 +97,18 @@ async def test_admin_paths_do_not_exist_on_the_proxy_port(ingress: IngressServic
     response, body = await request("GET", ingress_url(ingress, "/metrics"), headers={"Host": "localhost"})
     assert response.code == 400
     assert b"opensandbox_ingress_requests" not in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_liveness_stays_200_while_readiness_drains(ingress: IngressService) -> None:
+    """While draining, /status.ok turns 503 but /livez stays 200 (a draining pod is not dead)."""
+    response, body = await request("GET", admin_url(ingress, "/livez"))
+    assert (response.code, body) == (200, b"OK")
+    ingress.core.draining = True
+    try:
+        response, _ = await request("GET", admin_url(ingress, "/status.ok"))
+        assert response.code == 503
+        response, body = await request("GET", admin_url(ingress, "/livez"))
+        assert (response.code, body) == (200, b"OK")
+    finally:
+        ingress.core.draining = False

@@ -10,6 +10,7 @@ import queue
 import re
 import shlex
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -126,6 +127,35 @@ def _read_until(proc: subprocess.Popen[bytes], needle: str, timeout: float) -> s
             return "".join(seen)
 
 
+def _see_running_site_packages(python: str) -> None:
+    """
+    Let the virtualenv of C{python} import the dependencies installed for
+    the interpreter running the tests, after its own packages.
+
+    C{venv --system-site-packages} would not do: created from inside a
+    virtualenv it exposes the base interpreter's site-packages, not the
+    outer virtualenv's, where C{pip install '.[test]'} put the
+    dependencies.  A C{.pth} line that starts with C{import} runs at
+    start-up; C{site.addsitedir} appends each directory (and processes its
+    own C{.pth} files), so the wheel installed in the venv still wins.
+    """
+    directories = list(site.getsitepackages())
+    user_site = site.getusersitepackages()
+    if site.ENABLE_USER_SITE and os.path.isdir(user_site):
+        directories.append(user_site)
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(purelib, "_outer_site_packages.pth").write_text(
+        # One line, and no comprehension: site exec()s it with separate
+        # globals and locals, where a comprehension cannot see `site`.
+        f"import site; list(map(site.addsitedir, {directories!r}))\n"
+    )
+
+
 def test_built_wheel_logs_the_overridden_metadata(overridden_dist: Path, tmp_path: Path) -> None:
     """A wheel from `make build` with overrides, in a fresh venv, logs exactly those values."""
     wheel, sdist = _wheel_and_sdist(overridden_dist)
@@ -134,9 +164,7 @@ def test_built_wheel_logs_the_overridden_metadata(overridden_dist: Path, tmp_pat
         assert "twisted/plugins/opensandbox_ingress_plugin.py" in z.namelist()
 
     venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
-    )
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     env = _clean_env(PIP_DISABLE_PIP_VERSION_CHECK="1")
     subprocess.run(
@@ -148,6 +176,7 @@ def test_built_wheel_logs_the_overridden_metadata(overridden_dist: Path, tmp_pat
         capture_output=True,
         env=env,
     )
+    _see_running_site_packages(python)
     # Outside the repository, the venv's copy shadows a checkout, an
     # editable or a system-wide install of the package.
     where = subprocess.run(
@@ -366,3 +395,25 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
     for source in sources:
         assert (REPO / source).exists(), source
         assert source.rstrip("/") not in ignored, source
+
+
+def test_test_only_packages_are_not_runtime_dependencies() -> None:
+    """treq is in the test extra, not install_requires, and nothing shipped imports it."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    runtime = parser["options"]["install_requires"].split()
+    test = parser["options.extras_require"]["test"].split()
+    assert "treq" not in runtime and "treq" in test
+    shipped = [*(REPO / "opensandbox_ingress").rglob("*.py"), *(REPO / "twisted").rglob("*.py")]
+    assert shipped
+    for path in shipped:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not any(n.split(".")[0] == "treq" for n in names), path

@@ -381,6 +381,9 @@ def test_lifecycle_is_visible_to_routing_within_a_second(cluster: Cluster) -> No
     print("visible after (s):", {k: round(v, 3) for k, v in latencies.items()})
     # The ingress authenticated with the kubeconfig's credentials.
     assert {r.authorization for r in fake.requests} == {"Bearer e2e-token"}
+    # ... and said who it is, for the API server's audit log.
+    (agent,) = {r.user_agent for r in fake.requests}
+    assert agent is not None and agent.startswith("opensandbox-ingress/"), agent
 
 
 # -- recovery -----------------------------------------------------------------------------

@@ -725,6 +725,25 @@ async def test_build_kubernetes_source_from_config(fake: FakeKubeAPI, tmp_path: 
         await service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_user_agent_names_the_ingress_and_its_version(
+    fake: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lists and watches carry User-Agent opensandbox-ingress/<build version>."""
+    monkeypatch.setenv("OPENSANDBOX_INGRESS_VERSION", "7.7.7-ua")
+    path = write_kubeconfig(tmp_path / "config", fake.url)
+    config = IngressConfig(kubeconfig=str(path)).validate()
+    registry = SandboxRegistry()
+    service: Any = build_kubernetes_source(config, registry, reactor)
+    service.startService()
+    try:
+        await registry.when_synced()
+        await wait_for(lambda: bool(fake.watch_requests()), what="a watch")
+    finally:
+        await service.stopService()
+    assert {r.user_agent for r in fake.requests} == {"opensandbox-ingress/7.7.7-ua"}
+
+
 def test_build_kubernetes_source_rejects_bad_configuration(tmp_path: Path) -> None:
     """A broken kubeconfig fails while building, before anything starts."""
     path = tmp_path / "config"

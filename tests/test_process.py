@@ -43,6 +43,7 @@ def test_plugin_help_documents_every_flag() -> None:
         "kubeconfig", "context", "log-format", "admin-listen",
         "upstream-connect-timeout", "idle-timeout", "websocket-ping-interval",
         "ready-wait", "shutdown-timeout", "workers", "header-timeout",
+        "secure-access-keys-file", "renew-intent-redis-dsn-file", "renew-intent-shared-throttle",
     ):
         assert f"--{flag}" in out, flag
 
@@ -115,6 +116,9 @@ def test_readme_quick_start_serves_the_example_file(tmp_path: Path) -> None:
     text = out.decode()
     assert "version=dev commit=abc123 built=unknown python=" in text
     assert text.count("opensandbox-ingress version=") == 1
+    # Twisted's port lines are filtered; the ingress's own line says it once.
+    assert "starting on" not in text and "Closed)" not in text, text
+    assert text.count(f"listening on tcp:{port} ") == 1, text
 
 
 def test_json_log_format(tmp_path: Path) -> None:

@@ -341,6 +341,16 @@ def test_worker_that_does_not_drain_is_killed_after_the_timeout(tmp_path: Path) 
     ) as running:
         wait_healthy(running.proc, port)
         pids = running.workers()
+        # Stopped before it installs its SIGTERM handler, a worker would
+        # still die of the SIGTERM (fatal by default): wait until it serves.
+        poll(
+            lambda: any(
+                f"worker=0 pid={pids[0]} " in line and "listening on" in line
+                for line in running.output()
+            ),
+            20,
+            "worker 0 serving",
+        )
         os.kill(pids[0], signal.SIGSTOP)  # cannot drain; SIGKILL still works
         sent = time.monotonic()
         running.proc.send_signal(signal.SIGTERM)
@@ -450,3 +460,57 @@ def test_worker_lines_are_tagged(fmt: str, written: str, expected: str) -> None:
     TaggedOutput(Sink(), fmt, 1, 9).write(written)
     assert "".join(out) == expected
 
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_sum_every_worker(tmp_path: Path) -> None:
+    """/metrics with --workers 2: both workers' requests summed, process_* of the tree, build info, no _created."""
+    backend, backend_port = start_stream_backend()
+    port, admin = free_port(), free_port()
+    route = f"demo-{backend_port}"
+    ok = ("opensandbox_ingress_requests_total",
+          (("kind", "http"), ("mode", "header"), ("status_class", "2xx")))
+    with ingress(
+        ["--provider-type", "file", "--sandboxes-file", str(sandboxes(tmp_path)),
+         "--port", str(port), "--admin-listen", f"tcp:{admin}:interface=127.0.0.1"]
+    ) as running:
+        try:
+            wait_healthy(running.proc, port)
+            pids = running.workers()
+            statuses = load_until(
+                port, route, lambda: {pid for _, pid, _ in running.access()} >= set(pids.values())
+            )
+            assert set(statuses) == {200}
+            # Every request's access line is out: the counters are final.
+            poll(lambda: len(running.access()) == len(statuses), 10, "all access lines")
+            served = {pid: 0 for pid in pids.values()}
+            for _, pid, _ in running.access():
+                served[pid] += 1
+            assert all(served.values()), served  # both workers served some
+
+            status, body = http_get(admin, "/metrics")
+            assert status == 200
+            text = body.decode()
+            samples = _samples(text)
+            assert samples[ok] == len(statuses), (samples[ok], served)
+            assert samples[("opensandbox_ingress_sandboxes", (("state", "ready"),))] == 1
+            assert samples[("opensandbox_ingress_registry_synced", ())] == 1
+            assert samples[("process_cpu_seconds_total", ())] > 0
+            # Three processes' memory: more than any one of them.
+            rss = [int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                   for pid in [running.proc.pid, *pids.values()]]
+            assert samples[("process_resident_memory_bytes", ())] > max(rss)
+            (build,) = [k for k in samples if k[0] == "opensandbox_ingress_build_info"]
+            assert {name for name, _ in build[1]} == {"version", "commit", "python"}
+            assert "_created" not in text
+        finally:
+            stop(backend)

@@ -64,6 +64,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from .. import buildinfo
 from ..config import ConfigError, IngressConfig
 from ..registry import SandboxRecord, SandboxRegistry
 from ._kube_objects import (
@@ -802,6 +803,16 @@ def watch_settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str
     return settings
 
 
+def user_agent() -> str:
+    """
+    The C{User-Agent} of every request to the API server:
+    C{opensandbox-ingress/<build version>}, so audit logs tell the ingress
+    apart from other clients (the client's default is the generic
+    C{OpenAPI-Generator/...}).
+    """
+    return f"opensandbox-ingress/{buildinfo.current().version}"
+
+
 def build_kubernetes_source(
     config: IngressConfig,
     registry: SandboxRegistry,
@@ -821,6 +832,7 @@ def build_kubernetes_source(
     """
     settings = watch_settings_from_env(environ)
     api_client = load_api_client(config.kubeconfig, config.context)
+    api_client.user_agent = user_agent()
     source = KubernetesSource(
         reactor,
         registry,

@@ -8,7 +8,13 @@ path there belongs to the sandboxes).  Paths:
 - C{/sandboxes}: JSON list of every record the registry holds.
 - C{/sandboxes/{id}}: how a sandbox id resolves: the resource names tried,
   the outcome, the record, and why it is not ready.
-- C{/status.ok}: the same health answer as the proxy port.
+- C{/status.ok}: the same health answer as the proxy port: the readiness
+  probe (503 until the registry is synced, and while draining).
+- C{/livez}: the liveness probe: 200 whenever this process answers at all,
+  whatever the sync or drain state.  Being answered is the proof that the
+  reactor turns; a blocked reactor leaves the probe to time out.  It must
+  not follow sync: an API server slow at start-up would otherwise get every
+  replica restarted in a loop, which only adds load to it.
 
 Secure-access tokens are never shown, only whether a sandbox requires one.
 """
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ..errors import IngressError
 from ..registry import SandboxRecord
@@ -28,6 +34,9 @@ from .health import HealthResource
 
 if TYPE_CHECKING:
     from ..service import IngressCore
+
+#: The liveness probe's path on the admin listener.
+LIVENESS_PATH = b"/livez"
 
 
 def record_view(record: SandboxRecord) -> dict[str, Any]:
@@ -59,9 +68,26 @@ class AdminResource(Resource):
         path: bytes = request.path
         if path == b"/metrics":
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-            return self._core.metrics.exposition()
+            tree = self._core.metrics.tree_exposition
+            if tree is None:
+                return self._core.metrics.exposition()
+            # --workers: the supervisor merges every worker's metrics.
+            finished: list[object] = []
+            request.notifyFinish().addBoth(finished.append)
+
+            def write(body: bytes) -> None:
+                if not finished:  # the scraper may have gone meanwhile
+                    request.setHeader(b"Content-Length", str(len(body)).encode())
+                    request.write(body)
+                    request.finish()
+
+            tree().addCallback(write)
+            return NOT_DONE_YET  # type: ignore[return-value]
         if path == b"/status.ok":
             return self._health.render(request)  # type: ignore[no-any-return]
+        if path == LIVENESS_PATH:
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"OK"
         if path == b"/sandboxes":
             registry = self._core.registry
             return _json(

@@ -176,7 +176,8 @@ class Proxy:
         self._core = core
         config = core.config
         self._uri_mode = config.mode == "uri"
-        self._keys = dict(config.secure_access_keys)
+        # The core's live ring, not a copy: a keys file rotates it in place.
+        self._keys = core.secure_access_keys
         self._ready_wait = config.ready_wait_s
         self._idle = config.idle_timeout_s or None
         self._clock: Callable[[], float] = time.time

@@ -100,6 +100,9 @@ CLOSE_HANDSHAKE_TIMEOUT_S = 10.0
 
 #: Close code and reason sent to both peers when the ingress drains.
 GOING_AWAY = 1001
+#: Seconds the other peer has, once a peer violated the protocol, to answer
+#: the relay's close (its frames until then are still delivered).
+FAIL_GRACE_S = 5.0
 #: A single-frame message up to this size is collected and relayed as one
 #: frame; larger ones are streamed (bounds memory per session and direction).
 COLLECT_LIMIT = 128 * 1024
@@ -369,6 +372,17 @@ class _Hop:
     #: The payload so far of a single-frame message of at most
     #: L{COLLECT_LIMIT} bytes, which goes on as one final frame.
     collecting: list[bytes] | None = None
+    #: The length of a streamed frame whose header is not written to the
+    #: partner yet.  It is written with the frame's first payload bytes,
+    #: which Autobahn has validated (UTF-8) by then, so a frame refused at
+    #: its first bytes leaves the partner between frames, free to send a
+    #: close (see L{_fail_connection}).
+    unwritten_frame: int | None = None
+    #: (code, reason) once this hop's peer violated the protocol: nothing
+    #: more is read from it, and it is failed with that code once the
+    #: other peer has closed (L{_fail_connection}).
+    failing: tuple[int, str] | None = None
+    _fail_grace: Any = None  # IDelayedCall
 
     # A message that is one frame (FIN set on its first frame) of at most
     # COLLECT_LIMIT bytes is collected and sent on as one final frame, as
@@ -390,8 +404,12 @@ class _Hop:
         ):
             self.collecting = []
             return
+        self.unwritten_frame = length
+
+    def _write_frame_header(self) -> None:
+        length, self.unwritten_frame = self.unwritten_frame, None
         peer = self.partner
-        if peer is not None:
+        if peer is not None and length is not None:
             if not self.streaming:
                 peer.beginMessage(self.message_binary)
             peer.beginMessageFrame(length)
@@ -404,11 +422,15 @@ class _Hop:
         if collecting is not None:
             collecting.append(payload)
             return
+        if self.unwritten_frame is not None:
+            self._write_frame_header()
         peer = self.partner
         if peer is not None:
             peer.sendMessageFrameData(payload)
 
     def onMessageFrameEnd(self) -> None:
+        if self.unwritten_frame is not None:  # an empty frame
+            self._write_frame_header()
         # The last frame of a message ends it in onMessageEnd; a close
         # waiting for this frame goes after that.
         if not self.current_frame.fin:  # type: ignore[attr-defined]
@@ -575,6 +597,71 @@ class _Hop:
         else:
             self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)  # type: ignore[attr-defined]
 
+    # -- ordered failure ---------------------------------------------------------
+    #
+    # Autobahn fails a hop at once on a protocol violation (a reserved bit or
+    # opcode, invalid UTF-8).  An endpoint would first have answered what
+    # came before the violation; as a relay, that answer comes from the other
+    # peer and may be on its way.  So the violating peer is not read any
+    # more, the other peer is sent a close, its frames until its close
+    # reply are still delivered, and then the violating peer gets its close
+    # with the code Autobahn chose (1002, 1007).  FAIL_GRACE_S bounds the
+    # wait.
+
+    def _fail_connection(self, code: int = GOING_AWAY, reason: str = "going away") -> None:
+        # Overrides Autobahn's private WebSocketProtocol._fail_connection,
+        # the one place every violation path (_protocol_violation,
+        # _invalid_payload, _max_message_size_exceeded) goes through.
+        partner = self.partner
+        if (
+            self.failing is None
+            and self.state == self.STATE_OPEN  # type: ignore[attr-defined]
+            and partner is not None
+            and partner.state == partner.STATE_OPEN
+        ):
+            self.failing = (code, reason)
+            # A message being collected from this peer will never end.
+            self.collecting = None
+            self.unwritten_frame = None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.session.peer_failed(self, code)
+            if partner.frame_half_written():
+                # A frame from this peer is half written to the other one
+                # and can never end, so no close can reach it: fail both.
+                self.finish_failing()
+                partner.dropConnection(abort=True)
+                return
+            self._fail_grace = self.session.relay.reactor.callLater(
+                FAIL_GRACE_S, self.session.fail_grace_over, self
+            )
+            partner.send_close(GOING_AWAY, f"peer protocol error: {reason}"[:120].encode())
+            return
+        super()._fail_connection(code, reason)  # type: ignore[misc]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.failing is not None:
+            return  # the violating peer is not read any more
+        super().dataReceived(data)  # type: ignore[misc]
+
+    def finish_failing(self) -> None:
+        """Send the violating peer its close (the other hop is done) and drop it."""
+        grace, self._fail_grace = self._fail_grace, None
+        if grace is not None and grace.active():
+            grace.cancel()
+        if self.failing is None:
+            return
+        code, reason = self.failing
+        if self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self.failedByMe = True
+            self.sendCloseFrame(  # type: ignore[attr-defined]
+                code=code, reasonUtf8=reason.encode("utf-8")[:120], isReply=False
+            )
+        # Its close reply cannot be read past the bad frame: close the TCP
+        # connection once the close frame is written.
+        self.wasClean = False
+        self.wasNotCleanReason = f"peer violated the protocol: {reason}"
+        self.dropConnection(abort=False)
+
     def dropConnection(self, abort: bool = False) -> None:
         # A clean drop (loseConnection) waits for the send buffer to empty,
         # which a peer that stopped reading postpones forever: abort after
@@ -588,7 +675,7 @@ class _Hop:
             )
 
     def connectionLost(self, reason: Failure) -> None:
-        for name in ("_linger", "_pong_deadline"):
+        for name in ("_linger", "_pong_deadline", "_fail_grace"):
             call = getattr(self, name)
             setattr(self, name, None)
             if call is not None and call.active():
@@ -916,6 +1003,19 @@ class _Session:
             elif hop is not None and hop.state == hop.STATE_CONNECTING:
                 hop.dropConnection(abort=True)
 
+    def peer_failed(self, hop: _Hop, code: int) -> None:
+        """C{hop}'s peer violated the protocol: it will be failed with C{code}."""
+        if self.closed_by == "-":
+            self.close_code = code
+            self.closed_by = "client" if hop is self.client else "backend"
+
+    def fail_grace_over(self, hop: _Hop) -> None:
+        """The other peer did not close in time after C{hop}'s peer failed."""
+        other = self._other(hop)
+        hop.finish_failing()
+        if other is not None and other.state != other.STATE_CLOSED:
+            other.dropConnection(abort=True)
+
     def hop_closed(self, hop: _Hop, was_clean: bool) -> None:
         """One hop's connection is gone."""
         if self.state == _FINISHED:
@@ -931,7 +1031,11 @@ class _Session:
             self.closed_by = "client" if hop is self.client else "backend"
             self.close_code = 1006
         other = self._other(hop)
-        if other is not None and other.state in (other.STATE_OPEN, other.STATE_CONNECTING):
+        if other is not None and other.failing is not None:
+            # The other peer has closed after a violation on this side's
+            # partner: now the violating peer gets its close.
+            other.finish_failing()
+        elif other is not None and other.state in (other.STATE_OPEN, other.STATE_CONNECTING):
             # The far peer is gone without a close having passed (or with
             # one still waiting for a frame that can no longer end): end
             # this side the same way; its peer sees 1006, as it would
