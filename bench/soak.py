@@ -1037,17 +1037,16 @@ class Soak:
             and not any(e.kind == "probe" for e in st.errors),
             f"{dict(st.probes)}",
         )
-        if self.workers == 1:
-            # /metrics describes worker 0 only when there are several.
-            client_timeouts = settled.metrics.get(
-                'opensandbox_ingress_client_errors_total{reason="timeout"}', -1
-            )
-            stalls = st.probes["half-body"] + st.probes["half-chunked"]
-            self.check(
-                "stalled uploads counted as client timeouts",
-                client_timeouts == stalls,
-                f"client_errors_total{{reason=timeout}} {client_timeouts:.0f}, stalled probes {stalls}",
-            )
+        # With --workers, /metrics sums every worker's counters.
+        client_timeouts = settled.metrics.get(
+            'opensandbox_ingress_client_errors_total{reason="timeout"}', -1
+        )
+        stalls = st.probes["half-body"] + st.probes["half-chunked"]
+        self.check(
+            "stalled uploads counted as client timeouts",
+            client_timeouts == stalls,
+            f"client_errors_total{{reason=timeout}} {client_timeouts:.0f}, stalled probes {stalls}",
+        )
         self.check(
             "the broken file never touched routing",
             bool(self.broken_windows) and not any(
