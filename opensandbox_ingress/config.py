@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-ProviderType = Literal["batchsandbox", "agent-sandbox", "file"]
+from .config_error import ConfigError
+from .sources.providers import DEFAULT_PROVIDER, provider_named
+
 RouteMode = Literal["header", "uri"]
 LogLevel = Literal["debug", "info", "warn", "error"]
 LogFormat = Literal["text", "json"]
 
-PROVIDER_TYPES: tuple[str, ...] = ("batchsandbox", "agent-sandbox", "file")
 ROUTE_MODES: tuple[str, ...] = ("header", "uri")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
@@ -32,20 +33,6 @@ DEFAULT_REDIS_DSN = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE_KEY = "opensandbox:renew:intent"
 
 _KEY_ID = re.compile(r"[0-9a-z]")
-
-
-class ConfigError(ValueError):
-    """
-    A configuration value is unusable.
-
-    C{str(error)} is the one line shown to the operator; it starts with the
-    flag's name.
-    """
-
-    def __init__(self, flag: str, problem: str) -> None:
-        super().__init__(f"--{flag}: {problem}")
-        self.flag = flag
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,8 @@ class IngressConfig:
 
     namespace: str = DEFAULT_NAMESPACE
     all_namespaces: bool = False
-    provider_type: ProviderType = "batchsandbox"
+    #: A row of L{opensandbox_ingress.sources.providers.PROVIDERS}.
+    provider_type: str = DEFAULT_PROVIDER
     mode: RouteMode = "header"
     #: Twisted server endpoint strings of the proxy listeners.
     listen: tuple[str, ...] = (f"tcp:{DEFAULT_PORT}",)
@@ -117,12 +105,8 @@ class IngressConfig:
         """
         Check every value; return C{self} or raise L{ConfigError}.
         """
-        if self.provider_type not in PROVIDER_TYPES:
-            raise ConfigError(
-                "provider-type",
-                f"unknown provider {self.provider_type!r}; "
-                f"expected one of {', '.join(PROVIDER_TYPES)}",
-            )
+        # Raises ConfigError naming the choices when the name is unknown.
+        provider = provider_named(self.provider_type)
         if self.mode not in ROUTE_MODES:
             raise ConfigError(
                 "mode", f"unknown mode {self.mode!r}; expected header or uri"
@@ -149,10 +133,7 @@ class IngressConfig:
                 "secure-access-keys-file",
                 "give --secure-access-keys or --secure-access-keys-file, not both",
             )
-        if self.provider_type == "file" and not self.sandboxes_file:
-            raise ConfigError(
-                "sandboxes-file", "required with --provider-type file"
-            )
+        provider.check_settings(self)
         for name, value in (
             ("upstream-connect-timeout", self.upstream_connect_timeout_s),
             ("header-timeout", self.header_timeout_s),

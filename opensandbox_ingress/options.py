@@ -27,6 +27,7 @@ from .config import (
     parse_secure_access_keys,
 )
 from .secret_files import DSN_ENV, load_keys_file, resolve_redis_dsn
+from .sources.providers import DEFAULT_PROVIDER, describe_choices
 
 
 class IngressOptions(usage.Options):
@@ -46,7 +47,7 @@ class IngressOptions(usage.Options):
 
     optParameters = [
         ["namespace", None, DEFAULT_NAMESPACE, "Watch sandbox resources in this namespace only."],
-        ["provider-type", None, "batchsandbox", "Sandbox source: batchsandbox, agent-sandbox or file."],
+        ["provider-type", None, DEFAULT_PROVIDER, f"Sandbox source: {describe_choices()}."],
         ["mode", None, "header", "Routing mode: header (header/Host) or uri (/<id>/<port>/...)."],
         ["port", None, str(DEFAULT_PORT), "TCP port to listen on, all interfaces (ignored when --listen is given)."],
         ["log-level", None, "info", "Log level: debug, info, warn or error."],

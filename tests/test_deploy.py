@@ -29,10 +29,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from opensandbox_ingress.config import IngressConfig
 from opensandbox_ingress.options import IngressOptions, config_from_options
 from opensandbox_ingress.secure_access import signed_host_token
-from opensandbox_ingress.sources.kubernetes import kind_for
+from opensandbox_ingress.sources.providers import provider_named
 from tests._kube_helpers import batchsandbox, write_kubeconfig
 from tests.fake_kube_api import FakeKubeAPI
 from tests.processes import REPO, TWISTD, free_port, http_get, poll, start_stream_backend, stop
@@ -139,7 +138,8 @@ def test_rbac_grants_exactly_list_and_watch_on_what_the_provider_reads(
         ("Role", "RoleBinding") if overlay == "namespaced" else ("ClusterRole", "ClusterRoleBinding")
     )
     options = parse_args(container(objects)["args"])
-    kind = kind_for(IngressConfig(provider_type=options["provider-type"]))
+    kind = provider_named(options["provider-type"]).kind
+    assert kind is not None
     assert kinds[role_kind]["rules"] == [
         {"apiGroups": [kind.group], "resources": [kind.plural], "verbs": ["list", "watch"]}
     ]

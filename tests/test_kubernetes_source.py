@@ -28,13 +28,13 @@ from opensandbox_ingress.errors import (
     SandboxNotReady,
 )
 from opensandbox_ingress.registry import SandboxRegistry
+from opensandbox_ingress.sources import build_source
 from opensandbox_ingress.sources.agentsandbox import AGENTSANDBOX_KIND, name_candidates
 from opensandbox_ingress.sources.batchsandbox import BATCHSANDBOX_KIND
 from opensandbox_ingress.sources.kubeconfig import load_api_client
 from opensandbox_ingress.sources.kubernetes import (
     KubernetesSource,
     backoff_delay,
-    build_kubernetes_source,
 )
 from tests._kube_helpers import agentsandbox, api_client_for, batchsandbox, wait_for
 from tests.fake_kube_api import FakeKubeAPI
@@ -713,7 +713,7 @@ async def test_build_kubernetes_source_from_config(fake: FakeKubeAPI, tmp_path: 
     ).validate()
     registry = SandboxRegistry()
     # Any: mypy cannot see through the zope interface IService.
-    service: Any = build_kubernetes_source(config, registry, reactor)
+    service: Any = build_source(config, registry, reactor)
     service.startService()
     try:
         await registry.when_synced()
@@ -734,7 +734,7 @@ async def test_user_agent_names_the_ingress_and_its_version(
     path = write_kubeconfig(tmp_path / "config", fake.url)
     config = IngressConfig(kubeconfig=str(path)).validate()
     registry = SandboxRegistry()
-    service: Any = build_kubernetes_source(config, registry, reactor)
+    service: Any = build_source(config, registry, reactor)
     service.startService()
     try:
         await registry.when_synced()
@@ -750,5 +750,5 @@ def test_build_kubernetes_source_rejects_bad_configuration(tmp_path: Path) -> No
     path.write_text("::: not yaml :::\n\t")
     config = IngressConfig(kubeconfig=str(path))
     one_line_error(
-        "kubeconfig", lambda: build_kubernetes_source(config, SandboxRegistry(), reactor)
+        "kubeconfig", lambda: build_source(config, SandboxRegistry(), reactor)
     )

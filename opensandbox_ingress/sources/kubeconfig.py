@@ -37,7 +37,7 @@ from kubernetes.config.kube_config import (
     load_kube_config,
 )
 
-from ..config import ConfigError
+from ..config_error import ConfigError
 
 #: Where Kubernetes mounts a pod's service account.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from random import random as _default_random
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
@@ -65,7 +65,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from .. import buildinfo
-from ..config import ConfigError, IngressConfig
+from ..config_error import ConfigError
 from ..registry import SandboxRecord, SandboxRegistry
 from ._kube_objects import (
     MalformedObject,
@@ -75,6 +75,9 @@ from ._kube_objects import (
     object_resource_version,
 )
 from .kubeconfig import load_api_client
+
+if TYPE_CHECKING:
+    from ..config import IngressConfig
 
 #: Server-side duration of one watch request (C{timeoutSeconds}); the
 #: server then ends the stream and the loop watches again from where it
@@ -731,19 +734,6 @@ class KubernetesSource(Service):
         return _WatchEnd(CLOSED, version, events)
 
 
-def kind_for(config: IngressConfig) -> ResourceKind:
-    """The resource that C{config.provider_type} watches."""
-    if config.provider_type == "agent-sandbox":
-        from .agentsandbox import AGENTSANDBOX_KIND
-
-        return AGENTSANDBOX_KIND
-    if config.provider_type == "batchsandbox":
-        from .batchsandbox import BATCHSANDBOX_KIND
-
-        return BATCHSANDBOX_KIND
-    raise ValueError(f"provider {config.provider_type!r} is not a Kubernetes provider")
-
-
 WATCH_TIMEOUT_ENV = "OPENSANDBOX_INGRESS_WATCH_TIMEOUT_S"
 REQUEST_TIMEOUT_ENV = "OPENSANDBOX_INGRESS_REQUEST_TIMEOUT_S"
 BACKOFF_BASE_ENV = "OPENSANDBOX_INGRESS_BACKOFF_BASE_S"
@@ -818,12 +808,13 @@ def build_kubernetes_source(
     registry: SandboxRegistry,
     reactor: Any,
     environ: Mapping[str, str] = os.environ,
+    *,
+    kind: ResourceKind,
 ) -> IService:
     """
-    Build the source for C{--provider-type batchsandbox} or
-    C{agent-sandbox}: C{--namespace} or C{--all-namespaces},
-    C{--kubeconfig}, C{--context}, and the environment knobs of this
-    module's docstring.
+    Build the source that watches C{kind} (a row of the provider table):
+    C{--namespace} or C{--all-namespaces}, C{--kubeconfig}, C{--context},
+    and the environment knobs of this module's docstring.
 
     The client configuration is loaded now, so a broken one stops start-up.
 
@@ -836,7 +827,7 @@ def build_kubernetes_source(
     source = KubernetesSource(
         reactor,
         registry,
-        kind_for(config),
+        kind,
         None if config.all_namespaces else config.namespace,
         api_client,
         **settings,
