@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -32,6 +32,10 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from . import buildinfo
+
+if TYPE_CHECKING:
+    from .config import IngressConfig
+    from .service import IngressService
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -387,3 +391,16 @@ class AccessLog:
             duration_ms=round(duration * 1000, 1),
             client=client,
         )
+
+
+def install_access_log(service: IngressService, config: IngressConfig, output: Any) -> None:
+    """
+    Write C{service}'s access lines straight to C{output} (a L{LogOutput}
+    or anything with its C{write}), or drop them above log level info.
+    Used by the twistd plugin and by each worker process.
+    """
+    service.core.access_log.sink = (
+        AccessLineWriter(output, config.log_format)
+        if config.log_level in ("debug", "info")
+        else False
+    )

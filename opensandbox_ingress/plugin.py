@@ -16,11 +16,11 @@ from typing import Any
 
 from twisted.application.service import Service
 
-from .config import ConfigError, IngressConfig
+from .config import ConfigError
 from .observability import (
-    AccessLineWriter,
     LogOutput,
     bridge_stdlib_logging,
+    install_access_log,
     make_log_observer,
 )
 from .options import config_from_options
@@ -90,15 +90,3 @@ def raise_open_files_limit() -> tuple[int, int] | None:
     except (ValueError, OSError):
         return None
     return soft, hard
-
-
-def install_access_log(service: IngressService, config: IngressConfig, output: Any) -> None:
-    """
-    Write C{service}'s access lines straight to C{output} (a L{LogOutput}
-    or anything with its C{write}), or drop them above log level info.
-    """
-    service.core.access_log.sink = (
-        AccessLineWriter(output, config.log_format)
-        if config.log_level in ("debug", "info")
-        else False
-    )

@@ -678,8 +678,12 @@ def run_worker(spec: dict[str, Any]) -> None:
     from twisted.internet import reactor as default_reactor
     from twisted.logger import globalLogBeginner
 
-    from .observability import LogOutput, bridge_stdlib_logging, make_log_observer
-    from .plugin import install_access_log
+    from .observability import (
+        LogOutput,
+        bridge_stdlib_logging,
+        install_access_log,
+        make_log_observer,
+    )
     from .service import build_ingress
 
     reactor: Any = default_reactor
