@@ -12,7 +12,7 @@ C{OpenSandbox Ingress: <reason>} body.  Nothing sleeps for a fixed time:
 each expectation polls until a deadline measured from the change.
 
 The watch timings of the processes are shortened through the environment
-knobs of L{opensandbox_ingress.sources.kubernetes} (backoff, watch and
+knobs of L{opensandbox_ingress.sources.kube_setup} (backoff, watch and
 request timeouts), so that recovery paths complete in seconds.
 """
 
@@ -32,7 +32,7 @@ import pytest
 
 from opensandbox_ingress.config import ConfigError
 from opensandbox_ingress.sources.agentsandbox import dns1035_name
-from opensandbox_ingress.sources.kubernetes import (
+from opensandbox_ingress.sources.kube_setup import (
     BACKOFF_BASE_ENV,
     BACKOFF_CAP_ENV,
     REQUEST_TIMEOUT_ENV,

@@ -21,14 +21,13 @@ import pytest
 from twisted.internet.task import Clock
 
 from opensandbox_ingress.config import IngressConfig, RenewIntentConfig
+from opensandbox_ingress.worker_config import config_from_json, config_to_json
+from opensandbox_ingress.worker_process import TaggedOutput
 from opensandbox_ingress.workers import (
     FIRST_BACKOFF_S,
     MAX_BACKOFF_S,
     STABLE_AFTER_S,
-    TaggedOutput,
     WorkerSupervisor,
-    config_from_json,
-    config_to_json,
 )
 from tests.processes import (
     REPO,

@@ -25,59 +25,44 @@ Shutdown closes the socket of the request in flight from the stopping side
 pool.  Every request carries C{_request_timeout}, so a dead connection
 cannot block a thread forever either.
 
-Environment knobs, read by L{build_kubernetes_source} (for tests and for
-operators who need to tune them; there are no flags for them):
-
-  - C{OPENSANDBOX_INGRESS_WATCH_TIMEOUT_S}: whole seconds >= 1,
-    C{timeoutSeconds} of each watch request (default L{WATCH_TIMEOUT_S}).
-  - C{OPENSANDBOX_INGRESS_REQUEST_TIMEOUT_S}: seconds > 0 a list may stay
-    silent, and a watch beyond its C{timeoutSeconds}, before its connection
-    is declared dead (default L{REQUEST_TIMEOUT_S}).  A stalled watch stream
-    is thus detected after C{WATCH_TIMEOUT_S + REQUEST_TIMEOUT_S} of silence.
-  - C{OPENSANDBOX_INGRESS_BACKOFF_BASE_S} and
-    C{OPENSANDBOX_INGRESS_BACKOFF_CAP_S}: seconds > 0, first and largest
-    retry delay after failures (defaults L{BACKOFF_BASE_S},
-    L{BACKOFF_CAP_S}); the cap must not be below the base.
-
-A bad value stops start-up with one line naming the variable.
+The blocking requests and the conversion they feed live in
+L{opensandbox_ingress.sources.kube_requests}; building a source from the
+configuration and the environment knobs that tune its timings, in
+L{opensandbox_ingress.sources.kube_setup}.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import random as _default_random
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
-from kubernetes.client import ApiClient, CustomObjectsApi
-from kubernetes.client.exceptions import ApiException
-from twisted.application.service import IService, Service
+from kubernetes.client import ApiClient
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from .. import buildinfo
-from ..config_error import ConfigError
-from ..registry import SandboxRecord, SandboxRegistry
-from ._kube_objects import (
-    MalformedObject,
-    ResourceKind,
-    describe_object,
-    object_key,
-    object_resource_version,
+from ..registry import SandboxRegistry
+from ._kube_objects import ResourceKind
+from .kube_requests import (
+    CLOSED,
+    DROPPED,
+    ERROR,
+    GONE,
+    STOPPED,
+    Change,
+    KubeRequests,
+    Listing,
+    Skipped,
+    WatchHandlers,
+    describe_error,
 )
-from .kubeconfig import load_api_client
-
-if TYPE_CHECKING:
-    from ..config import IngressConfig
 
 #: Server-side duration of one watch request (C{timeoutSeconds}); the
 #: server then ends the stream and the loop watches again from where it
@@ -99,12 +84,8 @@ MIN_HEALTHY_WATCH_S = 1.0
 #: How long L{KubernetesSource.stopService} waits for the watch thread.
 STOP_GRACE_S = 1.5
 
-# Restart reasons, as counted in SourceStats.restarts and logged.
-GONE = "gone"  # 410: the version is too old; list again
-CLOSED = "closed"  # the server ended the stream; watch again
-DROPPED = "dropped"  # the connection broke mid-stream; back off, watch again
-ERROR = "error"  # a request failed; back off, retry the same step
-_STOPPED = "stopped"
+# Restart reasons (GONE, CLOSED, DROPPED, ERROR) are counted in
+# SourceStats.restarts and logged; see kube_requests.
 
 
 def backoff_delay(failures: int, base_s: float, cap_s: float, random: Callable[[], float]) -> float:
@@ -139,93 +120,6 @@ class SourceStats:
     skipped: int = 0
     resource_version: str | None = None
     last_error: str | None = None
-
-
-class _Stopping(Exception):
-    """The source is stopping; the request in flight is abandoned."""
-
-
-@dataclass(frozen=True)
-class _Skipped:
-    """An object left out as malformed, to be counted and logged."""
-
-    what: str
-    obj: str
-    error: str
-
-
-@dataclass(frozen=True)
-class _Listing:
-    records: list[SandboxRecord]
-    skipped: list[_Skipped]
-    resource_version: str
-
-
-@dataclass(frozen=True)
-class _Change:
-    """
-    One ADDED/MODIFIED/DELETED event, converted in the watch thread.
-    C{key} is C{None} when the object's metadata is unusable (nothing to
-    apply); C{record} is C{None} to remove C{key}.
-    """
-
-    event_type: str
-    key: tuple[str, str] | None
-    record: SandboxRecord | None
-    resource_version: str | None
-    skipped: _Skipped | None = None
-
-
-@dataclass(frozen=True)
-class _WatchEnd:
-    reason: str
-    resource_version: str
-    events: int
-    detail: str = ""
-
-
-def _describe_error(error: BaseException) -> str:
-    """One line about a failure; never the response body or headers."""
-    if isinstance(error, ApiException):
-        return f"HTTP {error.status} {error.reason or ''}".strip()
-    text = " ".join(str(error).split())[:300]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _iter_lines(response: Any) -> Iterator[bytes]:
-    """
-    The non-blank lines of a watch stream, each yielded as soon as it is
-    complete.  C{stream(amt=None)} yields each HTTP chunk as it arrives
-    (the API server sends watch events chunked).
-    """
-    buffer = bytearray()
-    for chunk in response.stream(amt=None, decode_content=True):
-        buffer.extend(chunk)
-        start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
-            line = bytes(buffer[start:end])
-            start = end + 1
-            if line.strip():
-                yield line
-        del buffer[:start]
-    if bytes(buffer).strip():
-        yield bytes(buffer)
-
-
-def _abort(response: Any) -> None:
-    """
-    Unblock a thread reading C{response}, from another thread.  Closing a
-    socket does not wake a blocked C{recv}; shutting it down does.
-    """
-    connection = getattr(response, "connection", None)
-    sock = getattr(connection, "sock", None)
-    try:
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-        else:
-            response.shutdown()
-    except Exception:
-        pass  # Already closed or released: nothing left to unblock.
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
@@ -301,12 +195,16 @@ class KubernetesSource(Service):
         self._clock = clock if clock is not None else reactor
         self._registry = registry
         self._kind = kind
-        self._namespace = namespace
         self._api_client = api_client
-        self._api = CustomObjectsApi(api_client)
-        self._watch_timeout_s = int(watch_timeout_s)
-        self._connect_timeout_s = connect_timeout_s
-        self._request_timeout_s = request_timeout_s
+        self._requests = KubeRequests(
+            api_client,
+            kind,
+            namespace,
+            watch_timeout_s=watch_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            request_timeout_s=request_timeout_s,
+        )
+        self._handlers = WatchHandlers(self._apply_change, self._note_bookmark, self._skip_line)
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._min_healthy_watch_s = min_healthy_watch_s
@@ -319,14 +217,10 @@ class KubernetesSource(Service):
         self._pool: ThreadPool | None = None
         self._done: Deferred[None] | None = None
         self._sleeping: Deferred[None] | None = None
-        # Shared with the watch thread: the stop flag of the current run and
-        # the response being read, so that stopService can abort it.  _lock
-        # orders "publish the response" against "set the flag, then abort
-        # what is published".  Each run gets its own Event, passed down, so a
-        # thread left over from an earlier run can never see a fresh flag.
+        # The stop flag of the current run, shared with the watch thread.
+        # Each run gets its own Event, passed down, so a thread left over
+        # from an earlier run can never see a fresh flag.
         self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._active_response: Any = None
 
     def __repr__(self) -> str:
         return f"<KubernetesSource {self._kind.description} in {self._scope}>"
@@ -365,10 +259,7 @@ class KubernetesSource(Service):
         self._stop_event.set()
         if self._sleeping is not None:
             self._sleeping.cancel()
-        with self._lock:
-            response = self._active_response
-        if response is not None:
-            _abort(response)
+        self._requests.abort_in_flight()
         return Deferred.fromCoroutine(self._finish_stop())
 
     async def _finish_stop(self) -> None:
@@ -423,12 +314,12 @@ class KubernetesSource(Service):
                 fresh = resource_version is None
                 if resource_version is None:
                     try:
-                        listing = await self._in_thread(self._list_blocking, stop)
+                        listing = await self._in_thread(self._requests.list_blocking, stop)
                     except Exception as e:
                         if stop.is_set():
                             return
                         failures += 1
-                        detail = f"list failed: {_describe_error(e)}"
+                        detail = f"list failed: {describe_error(e)}"
                         if not await self._back_off(failures, ERROR, detail, stop):
                             return
                         continue
@@ -437,17 +328,23 @@ class KubernetesSource(Service):
                     self._apply_listing(listing)
                     resource_version = listing.resource_version
                 started = self._clock.seconds()
-                end = await self._in_thread(self._watch_blocking, stop, resource_version)
+                end = await self._in_thread(
+                    self._requests.watch_blocking,
+                    stop,
+                    resource_version,
+                    self._handlers,
+                    self._reactor.callFromThread,
+                )
             except Exception as e:
                 # A bug, not a network failure: say so loudly, keep going.
                 self._log.failure("{kind} watch loop error", kind=self._kind.description)
                 if stop.is_set():
                     return
                 failures += 1
-                if not await self._back_off(failures, ERROR, _describe_error(e), stop):
+                if not await self._back_off(failures, ERROR, describe_error(e), stop):
                     return
                 continue
-            if end.reason == _STOPPED or stop.is_set():
+            if end.reason == STOPPED or stop.is_set():
                 return
             healthy = end.events > 0 or (
                 self._clock.seconds() - started >= self._min_healthy_watch_s
@@ -511,7 +408,7 @@ class KubernetesSource(Service):
 
     # -- applying (reactor thread) ---------------------------------------------
 
-    def _apply_listing(self, listing: _Listing) -> None:
+    def _apply_listing(self, listing: Listing) -> None:
         for skipped in listing.skipped:
             self._skip(skipped)
         # Stats first: replace_all fires when_synced waiters synchronously.
@@ -525,7 +422,7 @@ class KubernetesSource(Service):
             version=listing.resource_version,
         )
 
-    def _apply_change(self, change: _Change) -> None:
+    def _apply_change(self, change: Change) -> None:
         """Apply one converted watch event (called via callFromThread)."""
         self.stats.events[change.event_type] += 1
         if change.resource_version is not None:
@@ -543,7 +440,7 @@ class KubernetesSource(Service):
         self.stats.events["BOOKMARK"] += 1
         self.stats.resource_version = resource_version
 
-    def _skip(self, skipped: _Skipped) -> None:
+    def _skip(self, skipped: Skipped) -> None:
         self.stats.skipped += 1
         self._log.warn(
             "{kind}: skipping malformed {what} ({object}): {error}",
@@ -558,280 +455,3 @@ class KubernetesSource(Service):
         self._log.warn(
             "{kind}: skipping watch line: {reason}", kind=self._kind.description, reason=reason
         )
-
-    # -- blocking requests (watch thread) -----------------------------------------
-
-    def _request(self, **kwargs: Any) -> Any:
-        """One list or watch call; returns the unread urllib3 response."""
-        kind = self._kind
-        # _preload_content=False: we read the body ourselves, so that the
-        # response object exists while we block on it and can be aborted.
-        if self._namespace is None:
-            return self._api.list_cluster_custom_object(
-                kind.group, kind.version, kind.plural, _preload_content=False, **kwargs
-            )
-        return self._api.list_namespaced_custom_object(
-            kind.group,
-            kind.version,
-            self._namespace,
-            kind.plural,
-            _preload_content=False,
-            **kwargs,
-        )
-
-    def _publish(self, response: Any, stop: threading.Event) -> bool:
-        """Make C{response} abortable; C{False} if we are stopping already."""
-        with self._lock:
-            if stop.is_set():
-                return False
-            self._active_response = response
-            return True
-
-    def _release(self, response: Any) -> None:
-        with self._lock:
-            if self._active_response is response:
-                self._active_response = None
-        try:
-            response.close()
-            response.release_conn()
-        except Exception:
-            pass
-
-    def _list_blocking(self, stop: threading.Event) -> _Listing:
-        response = self._request(
-            _request_timeout=(self._connect_timeout_s, self._request_timeout_s)
-        )
-        try:
-            if not self._publish(response, stop):
-                raise _Stopping()
-            body = json.loads(response.data)
-        finally:
-            self._release(response)
-        if not isinstance(body, dict):
-            raise ValueError("list response is not a JSON object")
-        items = body.get("items")
-        if items is None:
-            items = []
-        if not isinstance(items, list):
-            raise ValueError("list response items is not a list")
-        version = object_resource_version(body)
-        if version is None:
-            raise ValueError("list response has no metadata.resourceVersion")
-        del body
-        return self._convert_listing(items, version, stop)
-
-    # -- converting (watch thread; pure) ----------------------------------------
-
-    def _to_record(self, what: str, obj: Any) -> tuple[SandboxRecord | None, _Skipped | None]:
-        try:
-            return self._kind.to_record(obj), None
-        except MalformedObject as e:
-            return None, _Skipped(what, describe_object(obj), str(e))
-        except Exception as e:
-            # A converter bug must cost one object, not the whole watch.
-            return None, _Skipped(what, describe_object(obj), f"cannot convert: {e!r}"[:300])
-
-    def _convert_listing(
-        self, items: list[Any], resource_version: str, stop: threading.Event
-    ) -> _Listing:
-        records: list[SandboxRecord] = []
-        skipped: list[_Skipped] = []
-        for index, item in enumerate(items):
-            if index % 1024 == 1023 and stop.is_set():
-                # A huge list takes seconds to convert; do not hold up shutdown.
-                raise _Stopping()
-            record, problem = self._to_record("list item", item)
-            if record is not None:
-                records.append(record)
-            if problem is not None:
-                skipped.append(problem)
-        return _Listing(records, skipped, resource_version)
-
-    def _convert_event(self, event_type: str, obj: Any, version: str | None) -> _Change:
-        what = f"{event_type} event"
-        try:
-            key = object_key(obj)
-        except MalformedObject as e:
-            return _Change(
-                event_type, None, None, version, _Skipped(what, describe_object(obj), str(e))
-            )
-        if event_type == "DELETED":
-            return _Change(event_type, key, None, version)
-        # A record that cannot be converted is removed: whatever we knew
-        # about the object is stale now.
-        record, problem = self._to_record(what, obj)
-        return _Change(event_type, key, record, version, problem)
-
-    def _watch_blocking(self, stop: threading.Event, resource_version: str) -> _WatchEnd:
-        version = resource_version
-        events = 0
-        try:
-            response = self._request(
-                watch=True,
-                resource_version=version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self._watch_timeout_s,
-                _request_timeout=(
-                    self._connect_timeout_s,
-                    self._watch_timeout_s + self._request_timeout_s,
-                ),
-            )
-        except Exception as e:
-            if stop.is_set():
-                return _WatchEnd(_STOPPED, version, 0)
-            if isinstance(e, ApiException) and e.status == 410:
-                return _WatchEnd(GONE, version, 0, "HTTP 410 Gone, listing again")
-            return _WatchEnd(ERROR, version, 0, f"watch failed: {_describe_error(e)}")
-        if not self._publish(response, stop):
-            self._release(response)
-            return _WatchEnd(_STOPPED, version, 0)
-        post = self._reactor.callFromThread
-        try:
-            for line in _iter_lines(response):
-                if stop.is_set():
-                    return _WatchEnd(_STOPPED, version, events)
-                try:
-                    event = json.loads(line)
-                except (ValueError, RecursionError):
-                    post(self._skip_line, "not JSON")
-                    continue
-                if not isinstance(event, dict):
-                    post(self._skip_line, "not a JSON object")
-                    continue
-                event_type = event.get("type")
-                obj = event.get("object")
-                if event_type == "ERROR":
-                    code = obj.get("code") if isinstance(obj, dict) else None
-                    if code == 410:
-                        return _WatchEnd(GONE, version, events)
-                    message = obj.get("message") if isinstance(obj, dict) else None
-                    text = " ".join(str(message or "").split())[:200]
-                    return _WatchEnd(ERROR, version, events, f"watch ERROR event {code}: {text}")
-                object_version = object_resource_version(obj)
-                if event_type == "BOOKMARK":
-                    # A bookmark only moves the version forward; its object
-                    # carries nothing else worth reading.
-                    if object_version is not None:
-                        version = object_version
-                        events += 1
-                        post(self._note_bookmark, object_version)
-                    continue
-                if event_type not in ("ADDED", "MODIFIED", "DELETED"):
-                    post(self._skip_line, f"unknown event type {str(event_type)[:40]!r}")
-                    continue
-                if object_version is not None:
-                    version = object_version
-                events += 1
-                post(self._apply_change, self._convert_event(event_type, obj, object_version))
-        except Exception as e:
-            if stop.is_set():
-                return _WatchEnd(_STOPPED, version, events)
-            return _WatchEnd(DROPPED, version, events, f"stream broke: {_describe_error(e)}")
-        finally:
-            self._release(response)
-        if stop.is_set():
-            return _WatchEnd(_STOPPED, version, events)
-        return _WatchEnd(CLOSED, version, events)
-
-
-WATCH_TIMEOUT_ENV = "OPENSANDBOX_INGRESS_WATCH_TIMEOUT_S"
-REQUEST_TIMEOUT_ENV = "OPENSANDBOX_INGRESS_REQUEST_TIMEOUT_S"
-BACKOFF_BASE_ENV = "OPENSANDBOX_INGRESS_BACKOFF_BASE_S"
-BACKOFF_CAP_ENV = "OPENSANDBOX_INGRESS_BACKOFF_CAP_S"
-
-
-class EnvironmentConfigError(ConfigError):
-    """
-    A L{ConfigError} about an environment variable rather than a flag:
-    C{str(error)} starts with the variable's name instead of C{--flag}.
-    """
-
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(variable, problem)
-        self.args = (f"{variable}: {problem}",)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def _env_seconds(text: str, variable: str, *, whole: bool) -> float:
-    try:
-        value = int(text) if whole else float(text)
-    except ValueError:
-        kind = "a whole number of seconds" if whole else "a number of seconds"
-        raise EnvironmentConfigError(variable, f"{text!r} is not {kind}") from None
-    if not (value > 0 and math.isfinite(value)) or (whole and value < 1):
-        raise EnvironmentConfigError(variable, f"{text!r} must be a finite number > 0")
-    return value
-
-
-def watch_settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """
-    The L{KubernetesSource} timing keywords set by the environment knobs
-    described in this module's docstring; knobs left unset are left out.
-
-    @raise ConfigError: a knob is set to something unusable (one line
-        naming the variable).
-    """
-    settings: dict[str, Any] = {}
-    for variable, keyword, whole in (
-        (WATCH_TIMEOUT_ENV, "watch_timeout_s", True),
-        (REQUEST_TIMEOUT_ENV, "request_timeout_s", False),
-        (BACKOFF_BASE_ENV, "backoff_base_s", False),
-        (BACKOFF_CAP_ENV, "backoff_cap_s", False),
-    ):
-        text = environ.get(variable, "").strip()
-        if text:
-            settings[keyword] = _env_seconds(text, variable, whole=whole)
-    base = settings.get("backoff_base_s", BACKOFF_BASE_S)
-    cap = settings.get("backoff_cap_s", BACKOFF_CAP_S)
-    if cap < base:
-        variable = BACKOFF_CAP_ENV if "backoff_cap_s" in settings else BACKOFF_BASE_ENV
-        raise EnvironmentConfigError(
-            variable, f"backoff cap {cap:g}s is below the backoff base {base:g}s"
-        )
-    return settings
-
-
-def user_agent() -> str:
-    """
-    The C{User-Agent} of every request to the API server:
-    C{opensandbox-ingress/<build version>}, so audit logs tell the ingress
-    apart from other clients (the client's default is the generic
-    C{OpenAPI-Generator/...}).
-    """
-    return f"opensandbox-ingress/{buildinfo.current().version}"
-
-
-def build_kubernetes_source(
-    config: IngressConfig,
-    registry: SandboxRegistry,
-    reactor: Any,
-    environ: Mapping[str, str] = os.environ,
-    *,
-    kind: ResourceKind,
-) -> IService:
-    """
-    Build the source that watches C{kind} (a row of the provider table):
-    C{--namespace} or C{--all-namespaces}, C{--kubeconfig}, C{--context},
-    and the environment knobs of this module's docstring.
-
-    The client configuration is loaded now, so a broken one stops start-up.
-
-    @param environ: Where to read the knobs (tests pass their own).
-    @raise ConfigError: the Kubernetes configuration or a knob is unusable.
-    """
-    settings = watch_settings_from_env(environ)
-    api_client = load_api_client(config.kubeconfig, config.context)
-    api_client.user_agent = user_agent()
-    source = KubernetesSource(
-        reactor,
-        registry,
-        kind,
-        None if config.all_namespaces else config.namespace,
-        api_client,
-        **settings,
-    )
-    # Service is declared with @implementer(IService); say so to mypy,
-    # which does not read zope declarations.
-    return cast(IService, source)

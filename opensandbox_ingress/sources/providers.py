@@ -81,7 +81,7 @@ def watch_resource(
 ) -> IService:
     """Build a L{KubernetesSource} for the row's C{kind}."""
     # Imported here: the Kubernetes client is heavy and only these rows use it.
-    from .kubernetes import build_kubernetes_source
+    from .kube_setup import build_kubernetes_source
 
     if provider.kind is None:
         raise ValueError(f"provider {provider.name!r} has no resource kind to watch")
