@@ -25,8 +25,8 @@ from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
 from opensandbox_ingress import renew
 from opensandbox_ingress.config import ConfigError, RenewIntentConfig
-from opensandbox_ingress.renew import (
-    RenewIntentPublisher,
+from opensandbox_ingress.renew import RenewIntentPublisher
+from opensandbox_ingress.renew_rules import (
     RenewThrottle,
     format_observed_at,
     intent_payload,
