@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .config import (
@@ -25,6 +23,7 @@ from .config import (
     parse_redis_dsn,
     parse_secure_access_keys,
 )
+from .polling import PollingService
 from .secure_access import KeyRing
 
 KEYS_FILE_FLAG = "secure-access-keys-file"
@@ -85,7 +84,7 @@ def _parse_keys_bytes(data: bytes, path: str) -> tuple[tuple[str, bytes], ...]:
         raise ConfigError(KEYS_FILE_FLAG, f"{path}: {e.problem}") from None
 
 
-class KeysFileWatcher(Service):
+class KeysFileWatcher(PollingService):
     """
     Re-reads C{--secure-access-keys-file} every L{KEYS_POLL_INTERVAL_S} and
     puts the keys into a L{KeyRing} when the contents change.
@@ -100,6 +99,7 @@ class KeysFileWatcher(Service):
     """
 
     _log = Logger()
+    rejected_format = "secure-access keys file rejected, keeping the last good keys: {problem}"
 
     def __init__(
         self,
@@ -108,17 +108,14 @@ class KeysFileWatcher(Service):
         path: str,
         interval_s: float = KEYS_POLL_INTERVAL_S,
     ) -> None:
-        self._clock = clock
+        super().__init__(clock, interval_s)
         self._ring = ring
         self._path = path
-        self._interval = interval_s
         #: The bytes last examined (good or bad); None after a read error.
         self._seen: bytes | None = None
-        self._last_problem: str | None = None
-        self._loop: LoopingCall | None = None
-        #: Successful reloads and rejected versions, for tests and metrics.
+        #: Successful reloads (rejected versions: C{failures}), for tests
+        #: and metrics.
         self.reloads = 0
-        self.failures = 0
 
     def load_now(self) -> None:
         """
@@ -130,17 +127,6 @@ class KeysFileWatcher(Service):
         # a change between the two reads is picked up, never missed.
         self._seen = None
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
-
-    def stopService(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        super().stopService()
-
     def check(self) -> None:
         """Look at the file once; reload the ring if its contents changed."""
         try:
@@ -148,7 +134,7 @@ class KeysFileWatcher(Service):
                 data = f.read()
         except OSError as e:
             self._seen = None
-            self._problem(f"{self._path}: cannot read: {e.strerror}")
+            self.rejected(f"{self._path}: cannot read: {e.strerror}")
             return
         if data == self._seen:
             return
@@ -156,25 +142,16 @@ class KeysFileWatcher(Service):
         try:
             keys = _parse_keys_bytes(data, self._path)
         except ConfigError as e:
-            self._problem(e.problem)
+            self.rejected(e.problem)
             return
         self._ring.replace(keys)
         self.reloads += 1
-        self._last_problem = None
+        self.accepted()
         self._log.info(
             "secure-access keys loaded from {path}: key ids {ids}",
             path=self._path,
             ids=",".join(sorted(self._ring)),
         )
-
-    def _problem(self, problem: str) -> None:
-        self.failures += 1
-        if problem != self._last_problem:
-            self._last_problem = problem
-            self._log.error(
-                "secure-access keys file rejected, keeping the last good keys: {problem}",
-                problem=problem,
-            )
 
 
 def resolve_redis_dsn(

@@ -24,11 +24,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import yaml
-from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..polling import PollingService
 from ..registry import SandboxRecord, SandboxRegistry
 
 #: Seconds between two checks of the file for changes.
@@ -109,7 +108,7 @@ def parse_sandboxes(text: str, path: str = "<sandboxes>") -> list[SandboxRecord]
     return records
 
 
-class FileSource(Service):
+class FileSource(PollingService):
     """
     Feeds a registry from a sandboxes file, re-reading it when it changes.
 
@@ -120,6 +119,7 @@ class FileSource(Service):
     """
 
     _log = Logger()
+    rejected_format = "sandboxes file rejected, keeping the last good state: {problem}"
 
     def __init__(
         self,
@@ -128,34 +128,19 @@ class FileSource(Service):
         path: str,
         poll_interval_s: float = POLL_INTERVAL_S,
     ) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, poll_interval_s)
         self._registry = registry
         self._path = path
-        self._interval = poll_interval_s
         self._stamp: tuple[int, int, int] | None = None
-        self._last_problem: str | None = None
-        self._loop: LoopingCall | None = None
-        #: Successful loads and rejected versions of the file.
+        #: Successful loads of the file (rejected versions: C{failures}).
         self.loads = 0
-        self.failures = 0
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._reactor
-        self._loop.start(self._interval, now=True)
-
-    def stopService(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        super().stopService()
 
     def check(self) -> None:
         """Re-read the file if it changed since the last look."""
         try:
             st = os.stat(self._path)
         except OSError as e:
-            self._problem(f"{self._path}: cannot read: {e.strerror}")
+            self.rejected(f"{self._path}: cannot read: {e.strerror}")
             return
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
@@ -166,13 +151,13 @@ class FileSource(Service):
                 text = f.read()
             records = parse_sandboxes(text, self._path)
         except OSError as e:
-            self._problem(f"{self._path}: cannot read: {e.strerror}")
+            self.rejected(f"{self._path}: cannot read: {e.strerror}")
             return
         except UnicodeDecodeError:
-            self._problem(f"{self._path}: not UTF-8 text")
+            self.rejected(f"{self._path}: not UTF-8 text")
             return
         except SandboxFileError as e:
-            self._problem(str(e))
+            self.rejected(str(e))
             return
         self._apply(records)
 
@@ -180,16 +165,7 @@ class FileSource(Service):
         records = list(records)
         self._registry.replace_all(records)
         self.loads += 1
-        self._last_problem = None
+        self.accepted()
         self._log.info(
             "loaded {count} sandboxes from {path}", count=len(records), path=self._path
         )
-
-    def _problem(self, problem: str) -> None:
-        self.failures += 1
-        if problem != self._last_problem:
-            self._last_problem = problem
-            self._log.error(
-                "sandboxes file rejected, keeping the last good state: {problem}",
-                problem=problem,
-            )
