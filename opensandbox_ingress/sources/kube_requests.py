@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
@@ -147,6 +147,29 @@ class WatchHandlers:
     apply_change: Callable[[Change], None]
     note_bookmark: Callable[[str], None]
     skip_line: Callable[[str], None]
+
+
+class BlockingRequests(Protocol):
+    """
+    What L{KubernetesSource} needs from its blocking half: L{KubeRequests}
+    against an API server, or a scripted stand-in in tests that drive the
+    loop's timers with a fake clock.
+    """
+
+    def abort_in_flight(self) -> None:
+        """Unblock the request being read, if any."""
+
+    def list_blocking(self, stop: threading.Event) -> Listing:
+        """List every object, converted."""
+
+    def watch_blocking(
+        self,
+        stop: threading.Event,
+        resource_version: str,
+        handlers: WatchHandlers,
+        post: Callable[..., None],
+    ) -> WatchEnd:
+        """Watch until the stream ends, posting each event to C{handlers}."""
 
 
 class KubeRequests:

@@ -56,6 +56,7 @@ from .kube_requests import (
     ERROR,
     GONE,
     STOPPED,
+    BlockingRequests,
     Change,
     KubeRequests,
     Listing,
@@ -170,6 +171,8 @@ class KubernetesSource(Service):
         stop_grace_s: float = STOP_GRACE_S,
         clock: Any = None,
         random: Callable[[], float] = _default_random,
+        requests: BlockingRequests | None = None,
+        run_blocking: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         """
         @param reactor: Provides C{IReactorFromThreads} (and C{IReactorTime}
@@ -190,20 +193,33 @@ class KubernetesSource(Service):
         @param clock: C{IReactorTime} for backoff and shutdown timers;
             defaults to C{reactor}.
         @param random: Source of jitter in [0, 1).
+        @param requests: The blocking half; defaults to L{KubeRequests} on
+            C{api_client}.
+        @param run_blocking: Runs one blocking call and returns a Deferred
+            of its result.  By default calls run in this source's own
+            thread and events are posted with C{reactor.callFromThread};
+            when given, calls run where it runs them (tests run them on the
+            reactor thread, to drive every timer with a fake clock) and
+            events are applied directly.
         """
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._registry = registry
         self._kind = kind
         self._api_client = api_client
-        self._requests = KubeRequests(
-            api_client,
-            kind,
-            namespace,
-            watch_timeout_s=watch_timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            request_timeout_s=request_timeout_s,
+        self._requests: BlockingRequests = (
+            requests
+            if requests is not None
+            else KubeRequests(
+                api_client,
+                kind,
+                namespace,
+                watch_timeout_s=watch_timeout_s,
+                connect_timeout_s=connect_timeout_s,
+                request_timeout_s=request_timeout_s,
+            )
         )
+        self._run_blocking = run_blocking
         self._handlers = WatchHandlers(self._apply_change, self._note_bookmark, self._skip_line)
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
@@ -237,10 +253,11 @@ class KubernetesSource(Service):
         """Start the pool and the list/watch loop."""
         super().startService()
         stop = self._stop_event = threading.Event()
-        pool = ThreadPool(minthreads=0, maxthreads=1, name=self._thread_name)
-        pool.threadFactory = _daemon_thread  # type: ignore[assignment]
-        pool.start()
-        self._pool = pool
+        if self._run_blocking is None:
+            pool = ThreadPool(minthreads=0, maxthreads=1, name=self._thread_name)
+            pool.threadFactory = _daemon_thread  # type: ignore[assignment]
+            pool.start()
+            self._pool = pool
         self._log.info("watching {kind} in {scope}", kind=self._kind.description, scope=self._scope)
         done = Deferred.fromCoroutine(self._run(stop))
         done.addErrback(
@@ -333,7 +350,7 @@ class KubernetesSource(Service):
                     stop,
                     resource_version,
                     self._handlers,
-                    self._reactor.callFromThread,
+                    self._post,
                 )
             except Exception as e:
                 # A bug, not a network failure: say so loudly, keep going.
@@ -403,8 +420,17 @@ class KubernetesSource(Service):
         return not stop.is_set()
 
     def _in_thread(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._run_blocking is not None:
+            return self._run_blocking(function, *args)
         assert self._pool is not None
         return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def _post(self, function: Callable[..., Any], *args: Any) -> None:
+        """Hand a watch event's work to the reactor thread."""
+        if self._run_blocking is not None:
+            function(*args)
+        else:
+            self._reactor.callFromThread(function, *args)
 
     # -- applying (reactor thread) ---------------------------------------------
 
