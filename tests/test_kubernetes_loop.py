@@ -1,7 +1,8 @@
 """
 The Kubernetes source's list/watch/back-off loop, in memory: a scripted
-blocking half and a C{Clock}, so every timer (backoff, healthy-watch
-threshold, stop grace) is driven exactly, without threads or sleeps.
+blocking half and a C{MemoryReactorClock} as reactor and clock, so every
+timer (backoff, healthy-watch threshold, stop grace) is driven exactly,
+without threads or sleeps.
 
 The blocking half itself (real HTTP against the fake API server) is tested
 in C{test_kubernetes_source.py} and C{test_kubernetes_e2e.py}.
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from opensandbox_ingress.registry import SandboxRecord, SandboxRegistry
 from opensandbox_ingress.sources.batchsandbox import BATCHSANDBOX_KIND
@@ -114,10 +115,10 @@ def added(name: str, version: str) -> Change:
 
 
 class Harness:
-    """A source on a Clock with a scripted blocking half."""
+    """A source on a MemoryReactorClock with a scripted blocking half."""
 
     def __init__(self) -> None:
-        self.clock = Clock()
+        self.clock = MemoryReactorClock()
         self.registry = SandboxRegistry()
         self.requests = ScriptedRequests()
         self.source = KubernetesSource(
