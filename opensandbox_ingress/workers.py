@@ -678,6 +678,7 @@ def run_worker(spec: dict[str, Any]) -> None:
     from twisted.internet import reactor as default_reactor
     from twisted.logger import globalLogBeginner
 
+    from . import heap
     from .observability import LogOutput, bridge_stdlib_logging, make_log_observer
     from .plugin import install_access_log
     from .service import build_ingress
@@ -697,6 +698,7 @@ def run_worker(spec: dict[str, Any]) -> None:
     bridge_stdlib_logging(config.log_level)
     service = build_ingress(config, reactor)
     install_access_log(service, config, tagged)
+    heap.settle_once_synced(service.core.registry, reactor)
     for fd, family, description in spec["listen"]:
         service.listeners.adopt(fd, family, description)
     if service.admin_listeners is not None:
