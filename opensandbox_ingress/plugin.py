@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.application.service import Service
 
+from . import heap
 from .config import ConfigError
 from .observability import (
     LogOutput,
@@ -61,6 +62,7 @@ def make_service(options: Any) -> Service:
     service.log_observer = make_log_observer(config.log_level, config.log_format, output.as_file())
     if isinstance(service, IngressService):
         install_access_log(service, config, output)
+        heap.settle_once_synced(service.core.registry, reactor)
     else:
         # The supervisor relays its workers' (already formatted) lines here.
         service.log_output = output

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from . import heap
 from .tree_metrics import WorkerSide
 from .worker_config import config_from_json
 
@@ -185,6 +186,7 @@ def run_worker(spec: dict[str, Any]) -> None:
     bridge_stdlib_logging(config.log_level)
     service = build_ingress(config, reactor)
     install_access_log(service, config, tagged)
+    heap.settle_once_synced(service.core.registry, reactor)
     for fd, family, description in spec["listen"]:
         service.listeners.adopt(fd, family, description)
     if service.admin_listeners is not None:

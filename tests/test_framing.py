@@ -447,3 +447,40 @@ def test_upload_split_anywhere_then_next_request(impl: str, split: int) -> None:
     got = outcome(parser.feed(raw[:split]) + parser.feed(raw[split:]))
     assert got[1:3] == [b"hello", ("end", True)]
     assert got[3][:3] == ("req", b"GET", b"/n") and got[-1] == ("end", True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kept_alive_parser_frames_every_kind_of_response_in_turn(impl: str) -> None:
+    """
+    Responses of every framing in turn on one connection, each body fed
+    whole or in pieces (a body counted past the parser), then a GET: each
+    is framed on its own, none leaks into the next.
+    """
+    parser = framing.response_parser(implementation=impl)
+    cases = [
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b""),
+        (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+        (b"GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok"),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", b"abc"),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b""),
+    ]
+    for pieces in (1, 3):
+        for method, raw, body in cases + [cases[0]]:
+            # A HEAD answer that declares chunked ends the connection (see
+            # accept_response): what follows it comes on a new one.
+            last_on_connection = method == b"HEAD" and b"chunked" in raw
+            parser.expect(method)
+            head_end = raw.rindex(b"\r\n\r\n") + 4
+            events = parser.feed(raw[:head_end])
+            rest = raw[head_end:]
+            step = max(1, -(-len(rest) // pieces))
+            for i in range(0, len(rest), step):
+                events += parser.feed(rest[i : i + step])
+            got = outcome(events)
+            assert got[-1] == ("end", not last_on_connection), (method, raw, events)
+            assert b"".join(e.data for e in events if isinstance(e, Data)) == body
+            if last_on_connection:
+                parser = framing.response_parser(implementation=impl)
+    # And bytes that arrive after the last one still taint the connection.
+    assert status_of(parser.feed(b"HTTP/1.1 200 OK\r\n\r\n")) == 502

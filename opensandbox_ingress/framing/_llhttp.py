@@ -231,6 +231,9 @@ class LlhttpResponseParser:
     def __init__(self, max_head_bytes: int = MAX_RESPONSE_HEAD_BYTES) -> None:
         self._max_head = max_head_bytes
         self._parser: httptools.HttpResponseParser | None = None
+        #: llhttp itself completed the last response, which was not an
+        #: answer to HEAD: its state is at the start of the next message.
+        self._in_step = False
         self._method = b"GET"
         self._events: list[Event] = []
         self._reason = b""
@@ -249,9 +252,15 @@ class LlhttpResponseParser:
 
     def expect(self, method: bytes) -> None:
         """A request with C{method} was sent; parse its response next."""
-        # A fresh llhttp parser per response: a HEAD or a 1xx resets its
-        # idea of the body, and nothing of the last response carries over.
-        self._parser = httptools.HttpResponseParser(self)
+        if not self._in_step or self._dead:
+            # llhttp's state is not at a message boundary: after a HEAD
+            # (it does not know the request was a HEAD, so it expects the
+            # declared body), a body counted past it (see L{feed}), or an
+            # error.  A fresh parser then, so nothing of the last response
+            # carries over; otherwise the one that just completed a
+            # response is at the start of the next, as for pipelining.
+            self._parser = httptools.HttpResponseParser(self)
+        self._in_step = False
         self._method = method
         self._head = None
         self._complete = False
@@ -332,8 +341,11 @@ class LlhttpResponseParser:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
-        if self._head is None or self._complete:
-            return  # the end of an interim response, or of a bodyless one
+        if self._head is None:
+            return  # the end of an interim response
+        self._in_step = self._method != b"HEAD"
+        if self._complete:
+            return  # the end of a bodyless one (204, 304), already reported
         self._complete = True
         self._left = 0
         self._events.append(EndOfMessage())

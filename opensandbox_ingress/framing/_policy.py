@@ -66,6 +66,12 @@ def reason_phrase(code: int, phrase: bytes) -> bytes:
     return standard_reason(code)
 
 
+#: (code, phrase) -> status line, for the few pairs backends send: a
+#: bounded cache (a backend choosing a new phrase per response only fills
+#: it, then misses).
+_status_lines: dict[tuple[int, bytes], bytes] = {}
+
+
 def status_line(code: int, phrase: bytes = b"") -> bytes:
     """
     The status line (with its CRLF) the client gets, written by the
@@ -73,9 +79,15 @@ def status_line(code: int, phrase: bytes = b"") -> bytes:
 
     @raise ValueError: C{code} is not in 100..599.
     """
+    line = _status_lines.get((code, phrase))
+    if line is not None:
+        return line
     if not valid_status(code):
         raise ValueError(f"invalid status code {code}")
-    return b"HTTP/1.1 %d %s\r\n" % (code, reason_phrase(code, phrase))
+    line = b"HTTP/1.1 %d %s\r\n" % (code, reason_phrase(code, phrase))
+    if len(_status_lines) < 1024:
+        _status_lines[(code, phrase)] = line
+    return line
 
 
 def invalid_response_header(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -126,6 +138,23 @@ def head_size(first_line: int, headers: list[tuple[bytes, bytes]]) -> int:
 
 def _tokens(values: list[bytes]) -> list[bytes]:
     return [t.strip(b" \t").lower() for v in values for t in v.split(b",") if t.strip(b" \t")]
+
+
+#: One C{Connection} value -> its tokens, for the few values clients and
+#: backends send (C{keep-alive}, C{close}, C{Upgrade}); bounded.
+_listed_of: dict[bytes, frozenset[bytes]] = {}
+
+
+def _listed(values: list[bytes]) -> frozenset[bytes]:
+    """The lower-cased tokens of the C{Connection} header lines C{values}."""
+    if len(values) != 1:
+        return frozenset(_tokens(values))
+    listed = _listed_of.get(values[0])
+    if listed is None:
+        listed = frozenset(_tokens(values))
+        if len(_listed_of) < 1024:
+            _listed_of[values[0]] = listed
+    return listed
 
 
 # Header names the policy looks at, by their lower-cased form.
@@ -255,7 +284,7 @@ def accept_request(
         if len(lengths) > 1 or _DIGITS.fullmatch(lengths[0]) is None:
             return FramingError(400, "invalid Content-Length")
         content_length = int(lengths[0])
-    listed = frozenset(_tokens(connection)) if connection is not None else _NO_TOKENS
+    listed = _listed(connection) if connection is not None else _NO_TOKENS
     if version == b"1.1":
         keep_alive = b"close" not in listed
     else:
@@ -321,7 +350,7 @@ def accept_response(
             codings = [value] if codings is None else codings + [value]
         elif kind == _CONNECTION:
             connection = [value] if connection is None else connection + [value]
-    listed = frozenset(_tokens(connection)) if connection is not None else _NO_TOKENS
+    listed = _listed(connection) if connection is not None else _NO_TOKENS
     if version == b"1.1":
         keep_alive = b"close" not in listed
     else:
