@@ -20,7 +20,7 @@ exactly as the client sent it; the two paths share routing, resolution,
 authorisation, header rules and error bodies.
 
 What the fast path does itself: header rewriting both ways (the rules of
-L{opensandbox_ingress.web.proxy}), streamed bodies in both directions with
+L{opensandbox_ingress.web.forwarding}), streamed bodies in both directions with
 backpressure (a slow client pauses the backend read, a slow backend pauses
 the client's upload), chunked and close-delimited responses re-framed as
 chunked, the per-exchange idle timeout, keep-alive idle and header
@@ -53,9 +53,6 @@ from .._compat import PYPY
 from ..errors import (
     ClientTimeout,
     IngressError,
-    UpstreamInvalidResponse,
-    UpstreamTimeout,
-    UpstreamUnreachable,
     framing_error,
 )
 from ..framing import (
@@ -71,16 +68,22 @@ from ..framing import (
     status_line,
 )
 from ..secure_access import SECURE_ACCESS_HEADER, check_access
-from .errors import error_response
-from .health import HEALTH_PATH
-from .proxy import (
-    _STRIP_REQUEST,
-    _STRIP_RESPONSE,
+from .forwarding import (
     CLIENT_CLOSED,
+    LOWER_NAMES,
     POWERED_BY,
-    _describe,
-    rebase_location,
+    ForwardOptions,
+    InvalidUpstreamResponse,
+    backend_authority,
+    broken_response_label,
+    error_response,
+    forward_options,
+    forward_request_fields,
+    lower,
+    response_fields,
+    upstream_failure,
 )
+from .health import HEALTH_PATH
 
 if TYPE_CHECKING:
     from ..registry import SandboxRecord
@@ -112,19 +115,6 @@ POOLED_IDLE_S = 60.0
 MAX_IDLE_PER_KEY = 32
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
-
-_names: dict[bytes, bytes] = {}
-
-
-def _lower(name: bytes) -> bytes:
-    """C{name} lower-cased (cached: the same few names come every request)."""
-    low = _names.get(name)
-    if low is None:
-        low = name.lower()
-        if len(_names) < 4096:
-            _names[name] = low
-    return low
-
 
 #: Transports whose socket L{_send} may write to directly.
 _DIRECT = (tcp.Server, tcp.Client)
@@ -186,16 +176,13 @@ class _Head:
         "ingress_to",
         "legacy",
         "secure",
-        "xff",
-        "has_xfp",
-        "has_xfh",
     )
 
     def __init__(self, request: RequestHead) -> None:
         self.method = request.method
         self.target = request.target
-        #: (name as sent, lower-cased name, value)
-        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        #: The fields as sent, for the request rewrite.
+        self.headers = request.headers
         self.length: int = request.content_length or 0
         self.close = not request.keep_alive
         self.listed: frozenset[bytes] = request.listed
@@ -204,9 +191,6 @@ class _Head:
         self.ingress_to: bytes | None = None
         self.legacy: bytes | None = None
         self.secure: list[bytes] | None = None
-        self.xff: list[bytes] | None = None
-        self.has_xfp = False
-        self.has_xfh = False
 
 
 def fast_head(request: RequestHead) -> _Head | None:
@@ -214,20 +198,18 @@ def fast_head(request: RequestHead) -> _Head | None:
     The fast path's view of an accepted request head, or None when the
     request goes to C{twisted.web} (HTTP/1.0, chunked uploads, upgrades,
     C{Expect}).  No parsing here: the framing layer did it; this only
-    sorts the header fields the fast path acts on.
+    picks out the routing and secure-access fields.
     """
     if request.version != b"1.1" or request.upgrade or request.content_length is None:
         return None
     head = _Head(request)
-    headers = head.headers
-    names = _names
+    names = LOWER_NAMES
     for name, value in request.headers:
         low = names.get(name)
         if low is None:
-            low = _lower(name)
+            low = lower(name)
         if low in _SLOW_HEADERS:
             return None
-        headers.append((name, low, value))
         if low == _INGRESS_TO:
             if head.ingress_to is None:
                 head.ingress_to = value
@@ -238,24 +220,6 @@ def fast_head(request: RequestHead) -> _Head | None:
             if head.secure is None:
                 head.secure = []
             head.secure.append(value)
-        elif low == b"x-forwarded-for":
-            # An empty value adds nothing (not ", client").
-            if value:
-                if head.xff is None:
-                    head.xff = []
-                head.xff.append(value)
-        elif low == b"x-forwarded-proto":
-            head.has_xfp = True
-        elif low == b"x-forwarded-host":
-            head.has_xfh = True
-    listed = head.listed
-    if listed:
-        # A header the client names in Connection is dropped; the ingress
-        # then sets its own rather than forwarding none.
-        if b"x-forwarded-proto" in listed:
-            head.has_xfp = False
-        if b"x-forwarded-host" in listed:
-            head.has_xfh = False
     return head
 
 
@@ -267,7 +231,7 @@ def _serialize_head(request: RequestHead) -> bytes:
     """
     lines = [request.method, b" ", request.target, b" HTTP/", request.version, b"\r\n"]
     for name, value in request.headers:
-        if _lower(name) != b"host":
+        if lower(name) != b"host":
             lines += (name, b": ", value, b"\r\n")
     if request.host is not None:
         lines += (b"Host: ", request.host, b"\r\n")
@@ -289,6 +253,8 @@ class FastIngressFactory(Factory):
         self.idle_timeout: float | None = core.config.idle_timeout_s or None
         self.header_timeout: float | None = core.config.header_timeout_s or None
         self.max_header_bytes: int = core.config.max_header_bytes
+        #: The request rewrite's configured choices.
+        self.options: ForwardOptions = forward_options(core.config)
         #: Connections served by the fast path (not handed off), open.
         self.channels: set[FastChannel] = set()
         self._gone: list[Deferred[None]] = []
@@ -379,7 +345,10 @@ class FastChannel(Protocol):
         #: When the pending request head started (accept, for the first).
         self._head_since: float | None = None
         self.client = "-"
+        #: The peer's address as the forwarded-for chain carries it.
+        self.client_bytes = b"-"
         self.secure = False
+        self.options = factory.options
 
     # -- connection ----------------------------------------------------------
 
@@ -388,6 +357,7 @@ class FastChannel(Protocol):
         assert transport is not None
         peer = transport.getPeer()
         self.client = getattr(peer, "host", None) or str(peer)
+        self.client_bytes = self.client.encode("ascii", "replace")
         self.secure = ISSLTransport.providedBy(transport)
         if ITCPTransport.providedBy(transport):
             # Writes go out as they are made (see _send); Nagle would hold
@@ -832,37 +802,23 @@ class _Exchange:
         """The request head for the backend."""
         head = self.head
         route = self.route
-        endpoint = self.endpoint
-        listed = head.listed
+        channel = self.channel
         lines = [head.method, b" ", route.path, b" HTTP/1.1\r\n"]
         if head.length:
             lines.append(b"Content-Length: %d\r\n" % head.length)
         elif head.method in _EMPTY_BODY_CL:
             lines.append(b"Content-Length: 0\r\n")
-        strip = _STRIP_REQUEST
-        for name, low, value in head.headers:
-            if low in strip or low in listed:
-                continue
+        for name, value in forward_request_fields(
+            head.headers,
+            head.listed,
+            head.host,
+            channel.client_bytes,
+            channel.secure,
+            backend_authority(self.endpoint, route.port),
+            route.prefix,
+            channel.options,
+        ):
             lines += (name, b": ", value, b"\r\n")
-        if ":" in endpoint:
-            lines.append(b"Host: [%s]:%d\r\n" % (endpoint.encode("ascii"), route.port))
-        else:
-            lines.append(b"Host: %s:%d\r\n" % (endpoint.encode("idna"), route.port))
-        ip = self.channel.client.encode("ascii", "replace")
-        if head.xff:
-            lines += (b"X-Forwarded-For: ", b", ".join(head.xff), b", ", ip, b"\r\n")
-        else:
-            lines += (b"X-Forwarded-For: ", ip, b"\r\n")
-        if not head.has_xfp:
-            lines.append(
-                b"X-Forwarded-Proto: https\r\n"
-                if self.channel.secure
-                else b"X-Forwarded-Proto: http\r\n"
-            )
-        if not head.has_xfh and head.host is not None:
-            lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
-        if route.prefix:
-            lines += (b"X-Forwarded-Prefix: ", route.prefix, b"\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
 
@@ -943,24 +899,10 @@ class _Exchange:
         lines = [status_line(code, response.reason)]
         if not self.persistent:
             lines.append(b"Connection: close\r\n")
-        prefix = self.route.prefix
-        listed = response.listed
-        strip = _STRIP_RESPONSE | listed if listed else _STRIP_RESPONSE
-        dated = False
-        names = _names
-        for name, value in response.headers:
-            low = names.get(name)
-            if low is None:
-                low = _lower(name)
-            if low in strip:
-                continue
-            if low == b"date":
-                dated = True
-            elif prefix and low == b"location":
-                value = rebase_location(value, prefix)
+        for name, value in response_fields(
+            response.headers, response.listed, self.route.prefix, _http_date(time.time())
+        ):
             lines += (name, b": ", value, b"\r\n")
-        if not dated:
-            lines += (b"Date: ", _http_date(time.time()), b"\r\n")
         framing = response.framing
         bodyless = framing == "none"
         if code in _NO_BODY:
@@ -1053,7 +995,7 @@ class _Exchange:
         # after what arrived, so it sees a response shorter than its
         # framing promised rather than a clean end.
         self._unregister()
-        self.core.metrics.upstream_error("timeout" if self._timed_out else "reset")
+        self.core.metrics.upstream_error(broken_response_label(self._timed_out))
         self.persistent = False
         self._finish(self._status)
 
@@ -1069,24 +1011,17 @@ class _Exchange:
         if responded:
             self.upstream_lost(Failure(ierror.ConnectionLost(why)), True)
             return
-        target = f"{self.endpoint}:{self.route.port}"
-        self.core.metrics.upstream_error("invalid")
-        self._send_error(UpstreamInvalidResponse(f"upstream {target} sent an invalid response: {why}"))
+        self._fail_before_head(Failure(InvalidUpstreamResponse(why)))
 
     def _key(self) -> tuple[str, str, int]:
         return (self.record.generation or self.record.name, self.endpoint, self.route.port)
 
     def _fail_before_head(self, failure: Failure | None, error: IngressError | None = None) -> None:
-        target = f"{self.endpoint}:{self.route.port}"
-        if error is not None:
-            pass  # decided (and counted) by the caller
-        elif self._timed_out or (failure is not None and failure.check(ierror.TimeoutError)):
-            error = UpstreamTimeout(f"upstream {target} timed out")
-            self.core.metrics.upstream_error("timeout")
-        else:
-            self.core.metrics.upstream_error("connect")
-            assert failure is not None
-            error = UpstreamUnreachable(f"upstream {target} unreachable: {_describe(failure)}")
+        if error is None:
+            target = f"{self.endpoint}:{self.route.port}"
+            error, label = upstream_failure(target, failure, self._timed_out)
+            self.core.metrics.upstream_error(label)
+        # (Else decided, and counted, by the caller.)
         self._send_error(error)
 
     def _send_error(self, error: IngressError) -> None:

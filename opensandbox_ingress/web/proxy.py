@@ -19,16 +19,14 @@ upstream transport, so a slow backend pauses the client's upload.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseFailed
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -41,74 +39,30 @@ from ..errors import (
     ClientTimeout,
     IngressError,
     SandboxNotReady,
-    UpstreamInvalidResponse,
-    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from ..registry import SandboxRecord
 from ..routing import Route
 from ..secure_access import SECURE_ACCESS_HEADER, check_access
 from .errors import render_error
+from .forwarding import (
+    CLIENT_CLOSED,
+    DEFAULT_OPTIONS,
+    POWERED_BY,
+    ForwardOptions,
+    backend_authority,
+    broken_response_label,
+    connection_tokens,
+    forward_request_fields,
+    response_fields,
+    upstream_failure,
+)
 from .site import IngressRequest
-from .upstream import InvalidUpstreamResponse
 
 if TYPE_CHECKING:
     from ..service import IngressCore
 
-#: Access-log status of a request whose client left before the response
-#: ended (nginx's convention; never sent on the wire).
-CLIENT_CLOSED = 499
-
-POWERED_BY = (b"Reverse-Proxy-Server-PowerBy", [b"OpenSandbox-ingress"])
-
-#: Headers never forwarded in either direction (RFC 9110 section 7.6.1),
-#: plus the ones Twisted's client frames itself.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-#: Request headers the backend must not see, besides hop-by-hop ones.
-_STRIP_REQUEST = HOP_BY_HOP | {
-    b"host",
-    b"content-length",
-    routing.INGRESS_TO_HEADER.lower(),
-    routing.LEGACY_INGRESS_HEADER.lower(),
-    SECURE_ACCESS_HEADER.lower(),
-    b"x-forwarded-for",
-    b"x-forwarded-prefix",
-}
-#: Response headers the client never sees: hop-by-hop, framing (the
-#: ingress frames the response itself), and the routing and secure-access
-#: headers (removed in both directions, so a sandbox cannot make a client
-#: hold or replay a credential or a route it did not send).
-_STRIP_RESPONSE = HOP_BY_HOP | {
-    b"content-length",
-    routing.INGRESS_TO_HEADER.lower(),
-    routing.LEGACY_INGRESS_HEADER.lower(),
-    SECURE_ACCESS_HEADER.lower(),
-}
 _NO_BODY_STATUSES = frozenset({204, 304})
-
-
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    return _tokens(headers.getRawHeaders(b"connection"))
-
-
-def _tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
-    if not values:
-        return frozenset()
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(b",")
-    )
 
 
 def is_websocket_upgrade(request: Request) -> bool:
@@ -119,7 +73,7 @@ def is_websocket_upgrade(request: Request) -> bool:
     upgrade = headers.getRawHeaders(b"upgrade")
     if not upgrade or upgrade[0].strip().lower() != b"websocket":
         return False
-    return b"upgrade" in _connection_tokens(headers)
+    return b"upgrade" in connection_tokens(headers.getRawHeaders(b"connection"))
 
 
 def client_ip(request: Request) -> str:
@@ -338,54 +292,29 @@ class Proxy:
         )
 
 
-def forward_request_headers(request: Request, endpoint: str, route: Route) -> Headers:
+def forward_request_headers(
+    request: Request, endpoint: str, route: Route, options: ForwardOptions = DEFAULT_OPTIONS
+) -> Headers:
     """
-    The headers the backend receives: the client's, less hop-by-hop,
-    routing and secure-access headers, with C{Host} set to the backend and
-    the C{X-Forwarded-*} family added.
+    The headers the backend receives for a C{twisted.web} request: the
+    rules of L{forward_request_fields} over the request's header list.
     """
     src = request.requestHeaders
-    strip = _STRIP_REQUEST
-    listed = _connection_tokens(src)
-    if listed:
-        strip = strip | listed
-    out = Headers()
-    for name, values in src.getAllRawHeaders():
-        if name.lower() not in strip:
-            out.setRawHeaders(name, values)
-    if ":" in endpoint:
-        out.setRawHeaders(b"Host", [b"[%s]:%d" % (endpoint.encode("ascii"), route.port)])
-    else:
-        out.setRawHeaders(b"Host", [b"%s:%d" % (endpoint.encode("idna"), route.port)])
-    ip = client_ip(request).encode("ascii", "replace")
-    # An empty incoming value adds nothing (not ", client").
-    prior = [v for v in src.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
-    out.setRawHeaders(
-        b"X-Forwarded-For", [b", ".join(prior) + b", " + ip if prior else ip]
+    host = src.getRawHeaders(b"host")
+    fields = forward_request_fields(
+        [(name, value) for name, values in src.getAllRawHeaders() for value in values],
+        connection_tokens(src.getRawHeaders(b"connection")),
+        host[0] if host else None,
+        client_ip(request).encode("ascii", "replace"),
+        request.isSecure(),
+        backend_authority(endpoint, route.port),
+        route.prefix,
+        options,
     )
-    # A client's own X-Forwarded-Proto/-Host is kept, unless it named the
-    # header in Connection (so it was dropped above): then the ingress's.
-    if not src.hasHeader(b"x-forwarded-proto") or b"x-forwarded-proto" in listed:
-        out.setRawHeaders(
-            b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"]
-        )
-    if not src.hasHeader(b"x-forwarded-host") or b"x-forwarded-host" in listed:
-        host = src.getRawHeaders(b"host")
-        if host:
-            out.setRawHeaders(b"X-Forwarded-Host", host[:1])
-    if route.prefix:
-        out.setRawHeaders(b"X-Forwarded-Prefix", [route.prefix])
+    out = Headers()
+    for name, value in fields:
+        out.addRawHeader(name, value)
     return out
-
-
-def rebase_location(location: bytes, prefix: bytes) -> bytes:
-    """
-    URI mode: put a root-relative redirect (C{/x}) under the route's prefix;
-    absolute and protocol-relative (C{//host/x}) locations stay as they are.
-    """
-    if location[:1] == b"/" and location[:2] != b"//":
-        return prefix + location
-    return location
 
 
 _RESPONSE_DONE = Failure(ResponseDone())
@@ -537,21 +466,9 @@ class _Exchange:
             # The rest of the body will not come: this is the connection's
             # last response, and RFC 9110 (15.5.9) asks to say so.
             self._request.setHeader(b"Connection", b"close")
-        elif (invalid := _invalid(failure)) is not None:
-            # The framing layer refused the response head: nothing of it
-            # reaches the client.
-            error = UpstreamInvalidResponse(
-                f"upstream {target} sent an invalid response: {invalid}"
-            )
-            self._core.metrics.upstream_error("invalid")
-        elif self._timed_out or failure.check(ierror.TimeoutError):
-            error = UpstreamTimeout(f"upstream {target} timed out")
-            self._core.metrics.upstream_error("timeout")
         else:
-            self._core.metrics.upstream_error("connect")
-            error = UpstreamUnreachable(
-                f"upstream {target} unreachable: {_describe(failure)}"
-            )
+            error, label = upstream_failure(target, failure, self._timed_out)
+            self._core.metrics.upstream_error(label)
         render_error(self._request, error)
         self._finished()
 
@@ -568,21 +485,20 @@ class _Exchange:
         # must show exactly what the backend sent.
         out.removeHeader(b"server")
         request.defaultContentType = None
-        strip = _STRIP_RESPONSE
-        listed = _tokens(getattr(response, "connection_header", None))
-        if listed:
-            strip = strip | listed
-        prefix = self._res.route.prefix
         head = request.method == b"HEAD"
-        for name, values in response.headers.getAllRawHeaders():
-            lowered = name.lower()
-            if lowered in strip and not (head and lowered == b"content-length"):
-                # (HEAD's Content-Length is the length a GET would have.)
-                continue
-            if prefix and lowered == b"location":
-                values = [rebase_location(v, prefix) for v in values]
-            out.setRawHeaders(name, values)
-        if request.method == b"HEAD":
+        for name, value in response_fields(
+            [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values],
+            connection_tokens(getattr(response, "connection_header", None)),
+            self._res.route.prefix,
+            None,
+        ):
+            out.addRawHeader(name, value)
+        if head:
+            # HEAD's Content-Length is the length a GET would have.
+            length = response.headers.getRawHeaders(b"content-length")
+            if length:
+                out.setRawHeaders(b"Content-Length", length)
+        if head:
             pass
         elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES and response.code >= 200:
             out.setRawHeaders(b"Content-Length", [b"%d" % response.length])
@@ -617,7 +533,7 @@ class _Exchange:
         else:
             # The backend stopped mid-response: cut the client's connection
             # so it sees a truncated response rather than a clean end.
-            self._core.metrics.upstream_error("timeout" if self._timed_out else "reset")
+            self._core.metrics.upstream_error(broken_response_label(self._timed_out))
             self._abort_client()
         self._finished()
 
@@ -666,30 +582,3 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-def _invalid(failure: Failure) -> str | None:
-    """The framing layer's reason when C{failure} is a refused response."""
-    if failure.check(ResponseFailed):
-        for reason in failure.value.reasons:
-            found = _invalid(reason)
-            if found is not None:
-                return found
-    if failure.check(InvalidUpstreamResponse):
-        return str(failure.value)
-    return None
-
-
-def _describe(failure: Failure) -> str:
-    if failure.check(ResponseFailed):
-        reasons = failure.value.reasons
-        if reasons:
-            return _describe(reasons[0])
-    if failure.check(ierror.ConnectionRefusedError):
-        return "connection refused"
-    if failure.check(ierror.DNSLookupError):
-        return "name does not resolve"
-    if failure.check(CancelledError):
-        return "cancelled"
-    message = failure.getErrorMessage()
-    return message.splitlines()[0] if message else type(failure.value).__name__

@@ -34,6 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
 from ..framing import EndOfMessage, FramingError, ResponseParser, response_parser
+from .forwarding import InvalidUpstreamResponse
 
 #: How many recently dropped generations are remembered, so that a request
 #: still in flight when its sandbox changed does not return its connection
@@ -49,10 +50,6 @@ POOLED_IDLE_S = 60.0
 PoolKey = tuple[str, str, int]
 
 _CONNECTION_DONE = Failure(ConnectionDone())
-
-
-class InvalidUpstreamResponse(Exception):
-    """The framing layer refused the backend's response (its reason)."""
 
 
 class _IngressClientProtocol(HTTP11ClientProtocol):

@@ -57,7 +57,6 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectingRequest
-from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -81,7 +80,8 @@ from ..errors import (
     WebSocketUpstreamUnreachable,
 )
 from .errors import render_error
-from .proxy import HOP_BY_HOP, POWERED_BY, Resolution, client_ip, forward_request_headers
+from .forwarding import HOP_BY_HOP, POWERED_BY, describe_failure
+from .proxy import Resolution, client_ip, forward_request_headers
 
 if TYPE_CHECKING:
     from ..registry import SandboxRecord
@@ -285,17 +285,6 @@ def _resource(path: bytes) -> str:
         return path.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in path)
-
-
-def _describe(failure: Failure) -> str:
-    if failure.check(ierror.ConnectionRefusedError):
-        return "connection refused"
-    if failure.check(ierror.TimeoutError):
-        return "connect timed out"
-    if failure.check(ierror.DNSLookupError):
-        return "name does not resolve"
-    message = failure.getErrorMessage()
-    return message.splitlines()[0] if message else type(failure.value).__name__
 
 
 # -- backpressure ------------------------------------------------------------------
@@ -842,7 +831,7 @@ class _Session:
             return
         self.refuse(
             WebSocketUpstreamUnreachable(
-                f"upstream {self._target()} unreachable: {_describe(failure)}"
+                f"upstream {self._target()} unreachable: {describe_failure(failure)}"
             )
         )
 
