@@ -502,7 +502,7 @@ async def test_recycled_address_gets_new_connection(tmp_path: Path, backend: Bac
         await wait_until(
             lambda: [r.name for r in service.registry.records()] == ["new"], what="reload"
         )
-        await wait_until(lambda: service.core.upstream.idle_connection_count() == 0)
+        await wait_until(lambda: service.upstream.idle_connection_count() == 0)
         response, body = await request(
             "GET", ingress_url(service, "/echo"), headers={"OpenSandbox-Ingress-To": f"new-{port}"}
         )

@@ -7,7 +7,7 @@ client (C{Agent}, C{HTTP11ClientProtocol}, Deferred chains) cost about
 300 microseconds of CPU per proxied request, several times what the bytes
 need.  L{FastChannel} parses a request head itself and, when the request is
 plain and routes to a ready sandbox it is allowed to reach, relays it over a
-pooled L{_Upstream} connection with nothing but byte strings in between.
+pooled L{BackendConnection} connection with nothing but byte strings in between.
 
 Everything else is handed to the C{twisted.web} stack unchanged
 (L{FastChannel._hand_off}): the bytes received so far are replayed into an
@@ -32,8 +32,6 @@ Ownership: reactor thread only.
 
 from __future__ import annotations
 
-import ipaddress
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,15 +39,12 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import error as ierror
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport, ITCPTransport
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 
 from .. import routing
-from .._compat import PYPY
 from ..errors import (
     ClientTimeout,
     IngressError,
@@ -64,12 +59,13 @@ from ..framing import (
     ResponseHead,
     Switched,
     request_parser,
-    response_parser,
     status_line,
 )
-from ..secure_access import SECURE_ACCESS_HEADER, check_access
+from ..secure_access import SECURE_ACCESS_HEADER
+from .decision import Decider, is_health, ready
 from .forwarding import (
     CLIENT_CLOSED,
+    DEFAULT_OPTIONS,
     LOWER_NAMES,
     POWERED_BY,
     ForwardOptions,
@@ -77,13 +73,12 @@ from .forwarding import (
     backend_authority,
     broken_response_label,
     error_response,
-    forward_options,
     forward_request_fields,
     lower,
     response_fields,
     upstream_failure,
 )
-from .health import HEALTH_PATH
+from .pool import READ_SIZE, BackendConnection, BackendPool, PoolKey
 
 if TYPE_CHECKING:
     from ..registry import SandboxRecord
@@ -93,11 +88,6 @@ if TYPE_CHECKING:
 #: Pipelined bytes buffered while a response is in flight before the client
 #: is paused.
 PIPELINE_LIMIT = 65536
-#: Socket read size.  256 KiB makes a 1 MiB body four reactor trips instead
-#: of sixteen on CPython; on PyPy strings that large live outside the
-#: nursery until a major collection, and a busy ingress grew past 1 GiB, so
-#: it keeps Twisted's 64 KiB.
-READ_SIZE = 1 << 16 if PYPY else 1 << 18
 
 _SECURE = SECURE_ACCESS_HEADER.lower()
 _INGRESS_TO = routing.INGRESS_TO_HEADER.lower()
@@ -110,9 +100,6 @@ _EMPTY_BODY_CL = frozenset({b"PUT", b"POST"})
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _NO_BODY = frozenset({204, 304})
 
-#: Seconds an idle pooled connection is kept, and the most kept per key.
-POOLED_IDLE_S = 60.0
-MAX_IDLE_PER_KEY = 32
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
@@ -247,14 +234,25 @@ class FastIngressFactory(Factory):
 
     noisy = False
 
-    def __init__(self, core: IngressCore, site: Any) -> None:
+    def __init__(
+        self,
+        core: IngressCore,
+        site: Any,
+        decider: Decider,
+        pool: BackendPool,
+        options: ForwardOptions = DEFAULT_OPTIONS,
+    ) -> None:
         self.core = core
         self.site = site
+        #: Routes, authorises and checks readiness (shared with C{site}'s proxy).
+        self.decider = decider
+        #: Backend connections.
+        self.pool = pool
         self.idle_timeout: float | None = core.config.idle_timeout_s or None
         self.header_timeout: float | None = core.config.header_timeout_s or None
         self.max_header_bytes: int = core.config.max_header_bytes
         #: The request rewrite's configured choices.
-        self.options: ForwardOptions = forward_options(core.config)
+        self.options = options
         #: Connections served by the fast path (not handed off), open.
         self.channels: set[FastChannel] = set()
         self._gone: list[Deferred[None]] = []
@@ -317,7 +315,9 @@ class FastChannel(Protocol):
 
     def __init__(self, factory: FastIngressFactory, addr: Any) -> None:
         self._factory = factory
-        self._core = factory.core
+        self.core = factory.core
+        #: The reactor's clock: every timer and timestamp of the connection.
+        self.now: Callable[[], float] = factory.core.reactor.seconds
         self._addr = addr
         self._parser = request_parser(factory.max_header_bytes)
         #: Events framed but not acted on yet (a pipelined request's).
@@ -344,6 +344,8 @@ class FastChannel(Protocol):
         self._idle_since: float | None = None
         #: When the pending request head started (accept, for the first).
         self._head_since: float | None = None
+        self.decider = factory.decider
+        self.pool = factory.pool
         self.client = "-"
         #: The peer's address as the forwarded-for chain carries it.
         self.client_bytes = b"-"
@@ -366,7 +368,7 @@ class FastChannel(Protocol):
             # Fewer, larger reads for uploads (also the write-buffer size
             # past which a slow client pauses the backend).
             transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
-        now = time.monotonic()
+        now = self.now()
         self._idle_since = now
         # The header timer runs from accept: a connection that never sends
         # a byte is cut at the header timeout, not the idle one.
@@ -380,7 +382,7 @@ class FastChannel(Protocol):
         if self._closing:
             return
         if self._idle_since is not None:
-            self._idle_since = time.monotonic()
+            self._idle_since = self.now()
         if self._exchange is not None and not self._in_body:
             # A response is in flight and its request is complete: later
             # requests wait as bytes, bounded (the client is paused).
@@ -398,7 +400,7 @@ class FastChannel(Protocol):
             self._process()
         if parser.awaiting_head and self._head_since is None and not self._closing:
             # (After the events: a complete head in this read clears it.)
-            self._head_since = time.monotonic()
+            self._head_since = self.now()
             self._arm()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
@@ -448,25 +450,27 @@ class FastChannel(Protocol):
 
     def _request(self, request: RequestHead) -> None:
         self._head_since = None
-        started = time.monotonic()
+        started = self.now()
         head = fast_head(request)
         if head is None:
             self._hand_off(request)
             return
-        target = head.target
-        if target.startswith(HEALTH_PATH) and target[len(HEALTH_PATH) : len(HEALTH_PATH) + 1] in (
-            b"",
-            b"?",
-        ):
+        if is_health(head.target):
             self._hand_off(request)
             return
-        resolved = self._resolve(head)
-        if resolved is None:
+        decider = self.decider
+        try:
+            route, record = decider.admit(
+                decider.route(head.target, head.ingress_to, head.legacy, head.host), head.secure
+            )
+        except IngressError:
             self._hand_off(request)
             return
-        route, record = resolved
+        if not ready(record):
+            self._hand_off(request)
+            return
         self._idle_since = None
-        persistent = not head.close and not self._core.draining
+        persistent = not head.close and not self.core.draining
         exchange = _Exchange(self, head, route, record, started, persistent)
         self._exchange = exchange
         # Until its EndOfMessage, the events are this request's body.
@@ -481,41 +485,14 @@ class FastChannel(Protocol):
         self._cancel_timer()
         transport = self.transport
         if transport is not None:
-            _send(transport, error_response(error, True, _http_date(time.time())))
+            _send(transport, error_response(error, True, _http_date(self.now())))
             if self._paused:
                 self._paused = False
                 transport.resumeProducing()  # type: ignore[attr-defined]
             transport.loseConnection()
-        self._core.access_log.request(
-            b"-", "-", 0, error.status, len(error.body()), time.monotonic(), self.client
+        self.core.access_log.request(
+            b"-", "-", 0, error.status, len(error.body()), self.now(), self.client
         )
-
-    def _resolve(self, head: _Head) -> tuple[Route, SandboxRecord] | None:
-        """Route, look up and authorise; None for anything not plainly OK."""
-        core = self._core
-        try:
-            if core.proxy._uri_mode:
-                route = routing.parse_uri_route(head.target)
-            else:
-                route = routing.parse_header_route(
-                    head.ingress_to, head.legacy, head.host, head.target
-                )
-            record = core.registry.lookup(route.sandbox_id)
-            route = route.for_sandbox(record.secure_access_token is not None)
-            check_access(
-                record.secure_access_token,
-                head.secure,
-                core.proxy._keys,
-                route.sandbox_id,
-                route.port,
-                route.signed,
-                time.time(),
-            )
-        except IngressError:
-            return None
-        if not (record.ready and record.endpoint):
-            return None
-        return route, record
 
     # -- twisted.web -----------------------------------------------------------
 
@@ -582,12 +559,12 @@ class FastChannel(Protocol):
     def exchange_done(self, persistent: bool) -> None:
         """The current response is complete."""
         self._exchange = None
-        if not persistent or self._core.draining:
+        if not persistent or self.core.draining:
             # Also when the response beat the upload: the rest of the
             # upload cannot be framed for another request.
             self._close()
             return
-        self._idle_since = time.monotonic()
+        self._idle_since = self.now()
         self._update_reading()
         if self._events:
             self._process()
@@ -671,11 +648,11 @@ class FastChannel(Protocol):
         deadline = self._deadline()
         if deadline is None:
             return
-        delay = max(0.0, deadline - time.monotonic())
+        delay = max(0.0, deadline - self.now())
         timer = self._timer
         if timer is None or not timer.active():
-            self._timer = self._core.reactor.callLater(delay, self._expired)
-        elif timer.getTime() - self._core.reactor.seconds() > delay + 0.001:
+            self._timer = self.core.reactor.callLater(delay, self._expired)
+        elif timer.getTime() - self.now() > delay + 0.001:
             timer.reset(delay)
 
     def _expired(self) -> None:
@@ -685,7 +662,7 @@ class FastChannel(Protocol):
         deadline = self._deadline()
         if deadline is None:
             return
-        if time.monotonic() < deadline:
+        if self.now() < deadline:
             self._arm()
         elif self._exchange is not None and self._delegate is None:
             self._exchange.idle_expired()
@@ -704,7 +681,7 @@ class FastChannel(Protocol):
     def note_activity(self) -> None:
         """Bytes moved on an idle connection (resets the idle timeout)."""
         if self._idle_since is not None:
-            self._idle_since = time.monotonic()
+            self._idle_since = self.now()
 
 
 class _Exchange:
@@ -757,7 +734,7 @@ class _Exchange:
         persistent: bool,
     ) -> None:
         self.channel = channel
-        self.core = channel._core
+        self.core = channel.core
         self.head = head
         self.route = route
         self.record = record
@@ -766,7 +743,7 @@ class _Exchange:
         self.persistent = persistent
         #: Body bytes received before the upstream connection was ready.
         self.pending: list[bytes] = []
-        self.upstream: _Upstream | None = None
+        self.upstream: BackendConnection | None = None
         self.upload_done = head.length == 0
         self._upload_paused = False
         self._connector: Any = None
@@ -788,15 +765,10 @@ class _Exchange:
     def start(self) -> None:
         core = self.core
         route = self.route
-        core.renew.offer(
-            route.sandbox_id,
-            route.port,
-            route.path.decode("latin-1") if core.proxy._uri_mode else "",
-        )
+        channel = self.channel
+        core.renew.offer(route.sandbox_id, route.port, channel.decider.renew_uri(route))
         core.request_started()
-        record = self.record
-        key = (record.generation or record.name, self.endpoint, route.port)
-        core.upstream.fast.acquire(key, self)
+        channel.pool.acquire(self._key(), self)
 
     def request_bytes(self) -> bytes:
         """The request head for the backend."""
@@ -826,7 +798,7 @@ class _Exchange:
         """The pool is dialling; C{connector} can cancel it."""
         self._connector = connector
 
-    def attached(self, upstream: _Upstream, reused: bool) -> None:
+    def attached(self, upstream: BackendConnection, reused: bool) -> None:
         """An upstream connection is ours: send the request."""
         self._connector = None
         if self._done:
@@ -834,7 +806,7 @@ class _Exchange:
             return
         self.upstream = upstream
         self._reused = reused
-        self.last = time.monotonic()
+        self.last = self.channel.now()
         transport = upstream.transport
         assert transport is not None
         pending, self.pending = self.pending, []
@@ -854,7 +826,7 @@ class _Exchange:
 
     def upload(self, data: bytes) -> None:
         """Body bytes from the client (framing removed)."""
-        self.last = time.monotonic()
+        self.last = self.channel.now()
         upstream = self.upstream
         if upstream is None or self._done:
             if not self._done:
@@ -889,7 +861,7 @@ class _Exchange:
         The backend's response head (accepted by the framing policy):
         write ours to the client.
         """
-        self.last = time.monotonic()
+        self.last = self.channel.now()
         self._responded = True
         code = response.status
         self._status = code
@@ -900,7 +872,7 @@ class _Exchange:
         if not self.persistent:
             lines.append(b"Connection: close\r\n")
         for name, value in response_fields(
-            response.headers, response.listed, self.route.prefix, _http_date(time.time())
+            response.headers, response.listed, self.route.prefix, _http_date(self.channel.now())
         ):
             lines += (name, b": ", value, b"\r\n")
         framing = response.framing
@@ -934,7 +906,7 @@ class _Exchange:
         """Response body bytes from the backend."""
         if self._done or not data:
             return
-        self.last = time.monotonic()
+        self.last = self.channel.now()
         self._sent += len(data)
         transport = self.channel.transport
         assert transport is not None
@@ -987,7 +959,7 @@ class _Exchange:
                 # A pooled connection the backend had closed: once more on
                 # a fresh one.
                 self._retried = True
-                self.core.upstream.fast.connect(self._key(), self)
+                self.channel.pool.connect(self._key(), self)
                 return
             self._fail_before_head(failure)
             return
@@ -1013,7 +985,7 @@ class _Exchange:
             return
         self._fail_before_head(Failure(InvalidUpstreamResponse(why)))
 
-    def _key(self) -> tuple[str, str, int]:
+    def _key(self) -> PoolKey:
         return (self.record.generation or self.record.name, self.endpoint, self.route.port)
 
     def _fail_before_head(self, failure: Failure | None, error: IngressError | None = None) -> None:
@@ -1033,7 +1005,7 @@ class _Exchange:
             self._sent = len(error.body())
             transport = self.channel.transport
             assert transport is not None
-            _send(transport, error_response(error, not self.persistent, _http_date(time.time())))
+            _send(transport, error_response(error, not self.persistent, _http_date(self.channel.now())))
         if not self.upload_done:
             self.persistent = False
         self._finish(error.status)
@@ -1144,7 +1116,7 @@ class _UploadControl:
         self._exchange.set_upload_paused(False)
 
     def stopProducing(self) -> None:
-        # The upstream connection went away; _Upstream.connectionLost says so.
+        # The upstream connection went away; BackendConnection.connectionLost says so.
         pass
 
 
@@ -1156,8 +1128,8 @@ class _ReadUpstream:
 
     __slots__ = ("_upstream", "_paused")
 
-    def __init__(self, upstream: _Upstream) -> None:
-        self._upstream: _Upstream | None = upstream
+    def __init__(self, upstream: BackendConnection) -> None:
+        self._upstream: BackendConnection | None = upstream
         self._paused = False
 
     def pauseProducing(self) -> None:
@@ -1180,315 +1152,3 @@ class _ReadUpstream:
         """The exchange ended: leave the backend connection readable."""
         self.resumeProducing()
         self._upstream = None
-
-
-class _Upstream(Protocol):
-    """
-    One connection to a backend: writes requests, frames responses with
-    the framing layer and feeds them to its current L{_Exchange}.  Pooled
-    between exchanges; any byte it was not asked for (after a response, or
-    while idle in the pool) closes it.
-    """
-
-    def __init__(
-        self, pool: FastPool, key: tuple[str, str, int], dial: _UpstreamFactory | None = None
-    ) -> None:
-        self.pool = pool
-        self.key = key
-        self._dial = dial
-        self.exchange: _Exchange | None = None
-        self.idle_since = 0.0
-        self._parser = response_parser()
-        self._reusable = True
-        self._responded = False
-        self._connected = False
-
-    def connectionMade(self) -> None:
-        self._connected = True
-        # A request head and a small body are separate writes; Nagle plus a
-        # delayed ACK would hold the second for tens of milliseconds.
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
-            # Fewer, larger reads for big responses (also the write-buffer
-            # size past which a slow backend pauses the client's upload).
-            self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr,attr-defined]
-        dial, self._dial = self._dial, None
-        exchange = dial.exchange if dial is not None else None
-        if dial is not None:
-            dial.exchange = None
-        if exchange is not None:
-            self.attach(exchange, False)
-        elif self.transport is not None:
-            # Its exchange was cancelled while dialling.
-            self._connected = False
-            self.transport.loseConnection()
-
-    def attach(self, exchange: _Exchange, reused: bool) -> None:
-        """Serve C{exchange} next."""
-        self.exchange = exchange
-        self._parser.expect(exchange.head.method)
-        self._reusable = True
-        self._responded = False
-        exchange.attached(self, reused)
-
-    def release(self, reusable: bool) -> None:
-        """The exchange is over with this connection."""
-        self.exchange = None
-        if reusable and self._reusable and self.transport is not None and self._connected:
-            self.pool.put(self)
-        elif self.transport is not None:
-            self._connected = False
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        self._connected = False
-        self.pool.discard(self)
-        exchange = self.exchange
-        if exchange is None:
-            return
-        if self._responded and reason.check(ierror.ConnectionDone):
-            # A clean close ends a read-until-close body; any other body
-            # it cuts short is a lost connection, below.
-            for event in self._parser.feed_eof():
-                if type(event) is EndOfMessage:
-                    self._reusable = False
-                    self._end()
-                    return
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstream_lost(reason, self._responded)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.exchange is None:
-            # Bytes nobody asked for: this connection cannot be trusted.
-            self._reusable = False
-            if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        self._events(self._parser.feed(data))
-
-    def _events(self, events: list[Event]) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            return
-        for event in events:
-            if type(event) is Data:
-                exchange.response_data(event.data)
-            elif type(event) is ResponseHead:
-                if not event.keep_alive:
-                    self._reusable = False
-                self._responded = True
-                exchange.response_head(event)
-            elif type(event) is EndOfMessage:
-                if not event.clean:
-                    self._reusable = False
-                self._end()
-                return
-            elif type(event) is FramingError:
-                self._fail(event.reason)
-                return
-            if self.exchange is not exchange:
-                return
-        # The head is held until body bytes come; send it with this read.
-        exchange.flush()
-
-    def _fail(self, why: str) -> None:
-        """The backend sent bytes the ingress does not relay: drop it."""
-        self._reusable = False
-        exchange, self.exchange = self.exchange, None
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-        if exchange is not None:
-            exchange.upstream_invalid(why, self._responded)
-
-    def _end(self) -> None:
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.response_end(self._reusable)
-
-
-class _UpstreamFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, pool: FastPool, key: tuple[str, str, int], exchange: _Exchange) -> None:
-        self.pool = pool
-        self.key = key
-        self.exchange: _Exchange | None = exchange
-
-    def buildProtocol(self, addr: Any) -> _Upstream:
-        return _Upstream(self.pool, self.key, self)
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.connect_failed(reason)
-
-
-class _TCPDial:
-    """A pending C{connectTCP} with the interface the exchange cancels by."""
-
-    __slots__ = ("connector", "factory")
-
-    def __init__(self, connector: Any, factory: _UpstreamFactory) -> None:
-        self.connector = connector
-        self.factory = factory
-
-    def cancel(self) -> None:
-        self.factory.exchange = None
-        try:
-            self.connector.stopConnecting()
-        except ierror.NotConnectingError:
-            # Connected, not attached yet: the connection closes itself.
-            pass
-
-
-class _EndpointDial:
-    """A pending endpoint connect (host names, IPv6)."""
-
-    __slots__ = ("deferred", "factory")
-
-    def __init__(self, deferred: Any, factory: _UpstreamFactory) -> None:
-        self.deferred = deferred
-        self.factory = factory
-
-    def cancel(self) -> None:
-        self.factory.exchange = None
-        self.deferred.cancel()
-
-
-class FastPool:
-    """
-    Idle backend connections by (sandbox generation, host, port).
-
-    Pod addresses are recycled, so a connection is only reused for the
-    same incarnation of the same sandbox; L{drop_generation} closes a
-    changed or vanished sandbox's idle connections and keeps its busy ones
-    out of the pool.
-    """
-
-    def __init__(self, reactor: Any, connect_timeout_s: float, dead: Any) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout_s
-        #: Retired generations (shared with the C{twisted.web} pool).
-        self._dead = dead
-        self._idle: dict[tuple[str, str, int], list[_Upstream]] = {}
-        self._keys_by_generation: dict[str, set[tuple[str, str, int]]] = {}
-        self._families: dict[str, int] = {}
-        self._sweeper: LoopingCall | None = None
-        self._clock: Callable[[], float] = time.monotonic
-
-    def acquire(self, key: tuple[str, str, int], exchange: _Exchange) -> None:
-        """Attach an idle connection of C{key} to C{exchange}, or dial one."""
-        conns = self._idle.get(key)
-        while conns:
-            conn = conns.pop()
-            if conn._connected:
-                conn.attach(exchange, True)
-                return
-        self.connect(key, exchange)
-
-    def connect(self, key: tuple[str, str, int], exchange: _Exchange) -> None:
-        """Dial a new connection for C{exchange}."""
-        _generation, host, port = key
-        family = self._families.get(host)
-        if family is None:
-            try:
-                family = ipaddress.ip_address(host).version
-            except ValueError:
-                family = 0
-            if len(self._families) < 65536:
-                self._families[host] = family
-        factory = _UpstreamFactory(self, key, exchange)
-        if family == 4:
-            connector = self._reactor.connectTCP(host, port, factory, timeout=self._timeout)
-            exchange.connecting(_TCPDial(connector, factory))
-            return
-        endpoint: Any
-        if family == 6:
-            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
-        d = endpoint.connect(factory)
-        exchange.connecting(_EndpointDial(d, factory))
-
-        def failed(failure: Failure) -> None:
-            live = factory.exchange
-            factory.exchange = None
-            if live is not None:
-                live.connect_failed(failure)
-
-        # Success needs nothing here: the protocol attaches itself.
-        d.addErrback(failed)
-
-    def put(self, conn: _Upstream) -> None:
-        """Keep C{conn} for the next exchange of its key."""
-        key = conn.key
-        generation = key[0]
-        conns = self._idle.setdefault(key, [])
-        if generation in self._dead or len(conns) >= MAX_IDLE_PER_KEY:
-            conn._connected = False
-            if conn.transport is not None:
-                conn.transport.loseConnection()
-            return
-        conn.idle_since = self._clock()
-        conns.append(conn)
-        self._keys_by_generation.setdefault(generation, set()).add(key)
-        if self._sweeper is None:
-            self._sweeper = LoopingCall(self._sweep)
-            self._sweeper.clock = self._reactor
-            self._sweeper.start(POOLED_IDLE_S / 4, now=False)
-
-    def discard(self, conn: _Upstream) -> None:
-        """C{conn} closed: forget it if it was idle."""
-        conns = self._idle.get(conn.key)
-        if conns and conn in conns:
-            conns.remove(conn)
-
-    def _sweep(self) -> None:
-        cutoff = self._clock() - POOLED_IDLE_S
-        for key, conns in list(self._idle.items()):
-            keep = []
-            for conn in conns:
-                if conn.idle_since < cutoff:
-                    conn._connected = False
-                    if conn.transport is not None:
-                        conn.transport.loseConnection()
-                else:
-                    keep.append(conn)
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
-                keys = self._keys_by_generation.get(key[0])
-                if keys is not None:
-                    keys.discard(key)
-                    if not keys:
-                        del self._keys_by_generation[key[0]]
-        if not self._idle and self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
-
-    def drop_generation(self, generation: str) -> None:
-        """Close the idle connections of C{generation}."""
-        for key in self._keys_by_generation.pop(generation, ()):
-            for conn in self._idle.pop(key, []):
-                conn._connected = False
-                if conn.transport is not None:
-                    conn.transport.loseConnection()
-
-    def idle_connection_count(self) -> int:
-        """How many idle connections the pool holds."""
-        return sum(len(c) for c in self._idle.values())
-
-    def close(self) -> None:
-        """Close every idle connection."""
-        if self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
-        idle, self._idle = self._idle, {}
-        self._keys_by_generation.clear()
-        for conns in idle.values():
-            for conn in conns:
-                conn._connected = False
-                if conn.transport is not None:
-                    conn.transport.loseConnection()

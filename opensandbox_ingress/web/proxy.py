@@ -18,7 +18,6 @@ upstream transport, so a slow backend pauses the client's upload.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,15 +34,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .. import routing
-from ..errors import (
-    ClientTimeout,
-    IngressError,
-    SandboxNotReady,
-    UpstreamUnreachable,
-)
+from ..errors import ClientTimeout, IngressError, UpstreamUnreachable
 from ..registry import SandboxRecord
 from ..routing import Route
-from ..secure_access import SECURE_ACCESS_HEADER, check_access
+from ..secure_access import SECURE_ACCESS_HEADER
+from .decision import Decider, ready
 from .errors import render_error
 from .forwarding import (
     CLIENT_CLOSED,
@@ -58,6 +53,7 @@ from .forwarding import (
     upstream_failure,
 )
 from .site import IngressRequest
+from .upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from ..service import IngressCore
@@ -101,17 +97,17 @@ class ProxyResource(Resource):
     """
     Every path but the health check: the sandbox proxy.
 
-    A leaf resource; all state lives in the L{IngressCore} it serves.
+    A leaf resource; the L{Proxy} it renders through holds the pipeline.
     """
 
     isLeaf = True
 
-    def __init__(self, core: IngressCore) -> None:
+    def __init__(self, proxy: Proxy) -> None:
         super().__init__()
-        self._core = core
+        self._proxy = proxy
 
     def render(self, request: Request) -> Any:
-        self._core.handle(request)
+        self._proxy.handle(request)
         return NOT_DONE_YET
 
 
@@ -131,112 +127,73 @@ class Resolution:
 
 class Proxy:
     """
-    The request pipeline of one ingress: resolution, authorisation and HTTP
-    forwarding.  Reactor thread only.
+    The C{twisted.web} request pipeline of one ingress: the L{Decider}'s
+    decision, then HTTP forwarding through the upstream client (or the
+    WebSocket relay for an upgrade).  Reactor thread only.
     """
 
     _log = Logger()
 
-    def __init__(self, core: IngressCore) -> None:
-        self._core = core
-        config = core.config
-        self._uri_mode = config.mode == "uri"
-        # The core's live ring, not a copy: a keys file rotates it in place.
-        self._keys = core.secure_access_keys
-        self._ready_wait = config.ready_wait_s
-        self._idle = config.idle_timeout_s or None
-        self._clock: Callable[[], float] = time.time
+    def __init__(
+        self,
+        core: IngressCore,
+        decider: Decider,
+        upstream: UpstreamClient,
+        websocket_handler: Callable[[Request, Resolution], None] | None = None,
+        options: ForwardOptions = DEFAULT_OPTIONS,
+    ) -> None:
+        self.core = core
+        self.decider = decider
+        self.upstream = upstream
+        self._idle = core.config.idle_timeout_s or None
+        self.options = options
         #: Hook for the WebSocket relay: C{(request, resolution) -> None}.
-        self.websocket_handler: Callable[[Request, Resolution], None] | None = None
+        self.websocket_handler = websocket_handler
 
     # -- resolution -----------------------------------------------------------
 
     def parse_route(self, request: Request) -> Route:
         """The route of C{request} in the configured mode."""
-        uri = local_uri(request)
-        if self._uri_mode:
-            return routing.parse_uri_route(uri)
         headers = request.requestHeaders
         ingress_to = headers.getRawHeaders(routing.INGRESS_TO_HEADER)
         legacy = headers.getRawHeaders(routing.LEGACY_INGRESS_HEADER)
         host = headers.getRawHeaders(b"host")
-        return routing.parse_header_route(
+        return self.decider.route(
+            local_uri(request),
             ingress_to[0] if ingress_to else None,
             legacy[0] if legacy else None,
             host[0] if host else None,
-            uri,
         )
-
-    def resolve(self, request: Request) -> Resolution | Deferred[Resolution]:
-        """
-        Route, look up and authorise C{request}.  Returns the resolution, or
-        a Deferred of it when the request waits for its sandbox to become
-        ready; raises (or fails with) an L{IngressError}.
-        """
-        return self.resolve_route(request, self.parse_route(request))
 
     def resolve_route(
         self, request: Request, route: Route
     ) -> Resolution | Deferred[Resolution]:
-        """L{resolve} for an already parsed route."""
-        record = self._core.registry.lookup(route.sandbox_id)
-        route = route.for_sandbox(record.secure_access_token is not None)
-        check_access(
-            record.secure_access_token,
-            request.requestHeaders.getRawHeaders(SECURE_ACCESS_HEADER),
-            self._keys,
-            route.sandbox_id,
-            route.port,
-            route.signed,
-            self._clock(),
+        """
+        Look up and authorise C{request} for C{route}.  Returns the
+        resolution, or a Deferred of it when the request waits for its
+        sandbox to become ready; raises (or fails with) an L{IngressError}.
+        """
+        route, record = self.decider.admit(
+            route, request.requestHeaders.getRawHeaders(SECURE_ACCESS_HEADER)
         )
-        if record.ready and record.endpoint:
+        if ready(record):
+            assert record.endpoint is not None
             return Resolution(route, record, record.endpoint)
-        if not self._ready_wait:
-            record.require_ready()
-        return self._wait_ready(request, route, record)
-
-    def _wait_ready(
-        self, request: Request, route: Route, record: SandboxRecord
-    ) -> Deferred[Resolution]:
-        reactor = self._core.reactor
-        waiting = self._core.registry.wait_until_ready(route.sandbox_id)
-        timed_out = []
-
-        def on_timeout() -> None:
-            timed_out.append(True)
-            waiting.cancel()
-
-        timer = reactor.callLater(self._ready_wait, on_timeout)
+        waiting = self.decider.hold(route, record)
         request.notifyFinish().addErrback(lambda _: waiting.cancel())
 
-        def ready(new: SandboxRecord) -> Resolution:
-            if timer.active():
-                timer.cancel()
+        def held(new: SandboxRecord) -> Resolution:
             assert new.endpoint is not None
             return Resolution(route, new, new.endpoint)
 
-        def not_ready(failure: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            if failure.check(CancelledError) and timed_out:
-                reason = record.not_ready_reason or "no endpoint"
-                return Failure(
-                    SandboxNotReady(
-                        f"sandbox {record.name} is not ready: {reason}",
-                        retry_after=max(1, int(self._ready_wait)),
-                    )
-                )
-            return failure
-
-        return waiting.addCallbacks(ready, not_ready)
+        return waiting.addCallback(held)
 
     # -- request entry --------------------------------------------------------
 
     def handle(self, request: Request) -> None:
         """Serve one proxied request (the resource's C{render})."""
-        started = time.monotonic()
-        if self._core.draining and request.channel is not None:
+        started = self.core.reactor.seconds()
+        if self.core.draining and request.channel is not None:
             # Serve it, but make it the connection's last request.
             request.channel.persistent = False
         route = None
@@ -265,13 +222,11 @@ class Proxy:
 
     def _dispatch(self, request: Request, resolution: Resolution, started: float) -> None:
         route = resolution.route
-        self._core.renew.offer(
-            route.sandbox_id, route.port, route.path.decode("latin-1") if self._uri_mode else ""
-        )
+        self.core.renew.offer(route.sandbox_id, route.port, self.decider.renew_uri(route))
         if self.websocket_handler is not None and is_websocket_upgrade(request):
             self.websocket_handler(request, resolution)
             return
-        _Exchange(self._core, request, resolution, started, self._idle).start()
+        _Exchange(self, request, resolution, started, self._idle).start()
 
     def _fail(
         self,
@@ -281,7 +236,7 @@ class Proxy:
         route: Route | None,
     ) -> None:
         render_error(request, error)
-        self._core.access_log.request(
+        self.core.access_log.request(
             request.method,
             route.sandbox_id if route else "-",
             route.port if route else 0,
@@ -349,6 +304,7 @@ class _Exchange:
     """
 
     __slots__ = (
+        "_proxy",
         "_core",
         "_request",
         "_res",
@@ -365,13 +321,14 @@ class _Exchange:
 
     def __init__(
         self,
-        core: IngressCore,
+        proxy: Proxy,
         request: Request,
         resolution: Resolution,
         started: float,
         idle: float | None,
     ) -> None:
-        self._core = core
+        self._proxy = proxy
+        self._core = proxy.core
         self._request = request
         self._res = resolution
         self._started = started
@@ -400,13 +357,13 @@ class _Exchange:
                 if content.tell():
                     content.seek(0)
                     body = FileBodyProducer(content)
-        headers = forward_request_headers(request, res.endpoint, route)
+        headers = forward_request_headers(request, res.endpoint, route, self._proxy.options)
         if self._idle:
             self._timer = self._core.reactor.callLater(self._idle, self._idle_timeout)
         self._core.request_started()
         request.notifyFinish().addBoth(self._client_finished)
         key = (res.record.generation or res.record.name, res.endpoint, route.port)
-        d = self._core.upstream.request(key, request.method, route.path, headers, body)
+        d = self._proxy.upstream.request(key, request.method, route.path, headers, body)
         self._pending = d
         d.addCallbacks(self._response, self._request_failed)
 

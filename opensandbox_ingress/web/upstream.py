@@ -35,6 +35,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 
 from ..framing import EndOfMessage, FramingError, ResponseParser, response_parser
 from .forwarding import InvalidUpstreamResponse
+from .pool import BackendPool
 
 #: How many recently dropped generations are remembered, so that a request
 #: still in flight when its sandbox changed does not return its connection
@@ -141,11 +142,13 @@ class SandboxConnectionPool(HTTPConnectionPool):
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor, persistent=True)
         self._keys_by_generation: dict[str, set[PoolKey]] = {}
-        self._dead: OrderedDict[str, None] = OrderedDict()
+        #: Generations never pooled again (L{drop_generation}); shared with
+        #: the fast path's L{BackendPool}.
+        self.retired: OrderedDict[str, None] = OrderedDict()
 
     def _putConnection(self, key: PoolKey, connection: Any) -> None:
         generation = key[0]
-        if generation in self._dead:
+        if generation in self.retired:
             connection.transport.loseConnection()
             return
         self._keys_by_generation.setdefault(generation, set()).add(key)
@@ -156,9 +159,9 @@ class SandboxConnectionPool(HTTPConnectionPool):
         Close the idle connections of C{generation} and never pool its
         connections again.
         """
-        self._dead[generation] = None
-        if len(self._dead) > _DEAD_GENERATIONS:
-            self._dead.popitem(last=False)
+        self.retired[generation] = None
+        if len(self.retired) > _DEAD_GENERATIONS:
+            self.retired.popitem(last=False)
         for key in self._keys_by_generation.pop(generation, ()):
             for connection in self._connections.pop(key, []):
                 timeout = self._timeouts.pop(connection, None)
@@ -183,10 +186,9 @@ class UpstreamClient:
         self.pool = SandboxConnectionPool(reactor)
         # The fast path's pool (imported here: fast imports proxy, which
         # this module must not depend on at import time).
-        from .fast import FastPool
 
         #: The fast path's connections; retired generations are shared.
-        self.fast = FastPool(reactor, connect_timeout_s, self.pool._dead)
+        self.fast = BackendPool(reactor, connect_timeout_s, self.pool.retired)
         self._agent = Agent(reactor, pool=self.pool)
         self._targets: dict[PoolKey, tuple[IStreamClientEndpoint, URI]] = {}
         self._target_keys: dict[str, list[PoolKey]] = {}
