@@ -126,11 +126,22 @@ def forward_options(config: Any) -> ForwardOptions:
     return ForwardOptions(preserve_host=bool(getattr(config, "preserve_host", False)))
 
 
+_authorities: dict[tuple[str, int], bytes] = {}
+
+
 def backend_authority(endpoint: str, port: int) -> bytes:
     """The C{Host} value naming a backend: C{[v6]:port}, C{v4:port} or C{name:port}."""
-    if ":" in endpoint:
-        return b"[%s]:%d" % (endpoint.encode("ascii"), port)
-    return b"%s:%d" % (endpoint.encode("idna"), port)
+    key = (endpoint, port)
+    authority = _authorities.get(key)
+    if authority is None:
+        # Cached: the IDNA codec is a measurable share of a small request.
+        if ":" in endpoint:
+            authority = b"[%s]:%d" % (endpoint.encode("ascii"), port)
+        else:
+            authority = b"%s:%d" % (endpoint.encode("idna"), port)
+        if len(_authorities) < 65536:
+            _authorities[key] = authority
+    return authority
 
 
 def forward_request_fields(
