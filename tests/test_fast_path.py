@@ -116,19 +116,21 @@ def _responses(raw: bytes) -> list[bytes]:
 async def test_same_connection_moves_to_twisted_web_and_keeps_serving(
     ingress: IngressService, canned: CannedBackend
 ) -> None:
-    """Fast request, then the health check (twisted.web) and a proxied request on one connection."""
+    """Fast request, then an Expect request (twisted.web) and a proxied request on one connection."""
     client = await _client(ingress)
     client.transport.write(_get("/cl", canned))
     await wait_until(lambda: client.received.endswith(b"hello"), what="fast response")
     # The fast path forwards response header names as the backend sent them.
     assert b"\r\nx-case: lower\r\n" in client.received
     client.received.clear()
-    client.transport.write(b"GET /status.ok HTTP/1.1\r\nHost: x\r\n\r\n")
-    await wait_until(lambda: client.received.endswith(b"\r\n\r\nOK"), what="health check")
+    client.transport.write(_get("/cl", canned, "Expect: 100-continue\r\n"))
+    await wait_until(lambda: client.received.endswith(b"hello"), what="handed-off response")
+    # twisted.web canonicalises names: this one went through the slow path.
+    assert b"\r\nX-Case: lower\r\n" in client.received
     client.received.clear()
     client.transport.write(_get("/cl", canned))
     await wait_until(lambda: client.received.endswith(b"hello"), what="slow-path response")
-    # twisted.web canonicalises names: this one went through the slow path.
+    # The connection stays with twisted.web.
     assert b"\r\nX-Case: lower\r\n" in client.received
     assert not client.lost
     client.transport.loseConnection()

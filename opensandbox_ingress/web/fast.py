@@ -41,6 +41,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 
@@ -48,6 +49,9 @@ from .. import routing
 from ..errors import (
     ClientTimeout,
     IngressError,
+    RegistryNotSynced,
+    ShuttingDown,
+    UpstreamUnreachable,
     framing_error,
 )
 from ..framing import (
@@ -74,11 +78,13 @@ from .forwarding import (
     broken_response_label,
     error_response,
     forward_request_fields,
+    health_response,
     lower,
     response_fields,
     upstream_failure,
 )
 from .pool import READ_SIZE, BackendConnection, BackendPool, PoolKey
+from .site import DRAIN_LIMIT_BYTES
 
 if TYPE_CHECKING:
     from ..registry import SandboxRecord
@@ -102,6 +108,8 @@ _NO_BODY = frozenset({204, 304})
 
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
+
+_log = Logger(namespace="opensandbox_ingress.web.fast")
 
 #: Transports whose socket L{_send} may write to directly.
 _DIRECT = (tcp.Server, tcp.Client)
@@ -456,18 +464,17 @@ class FastChannel(Protocol):
             self._hand_off(request)
             return
         if is_health(head.target):
-            self._hand_off(request)
+            self._health(head)
             return
         decider = self.decider
+        route = None
         try:
-            route, record = decider.admit(
-                decider.route(head.target, head.ingress_to, head.legacy, head.host), head.secure
-            )
-        except IngressError:
-            self._hand_off(request)
-            return
-        if not ready(record):
-            self._hand_off(request)
+            route = decider.route(head.target, head.ingress_to, head.legacy, head.host)
+            route, record = decider.admit(route, head.secure)
+            if not decider.ready_wait_s and not ready(record):
+                record.require_ready()
+        except IngressError as e:
+            self._answer(head, e, started, route)
             return
         self._idle_since = None
         persistent = not head.close and not self.core.draining
@@ -477,6 +484,60 @@ class FastChannel(Protocol):
         self._in_body = True
         exchange.start()
         self._update_reading()
+
+    def _closes_after_answer(self, head: _Head) -> bool:
+        """
+        Whether an answer given before the request's body arrived ends the
+        connection: the client asked, the ingress drains, or more body is
+        left than is worth reading and discarding (C{DRAIN_LIMIT_BYTES}).
+        """
+        return head.close or self.core.draining or head.length > DRAIN_LIMIT_BYTES
+
+    def _answer(self, head: _Head, error: IngressError, started: float, route: Route | None) -> None:
+        """
+        Answer C{error} for a request no backend sees.  A body still to
+        come is framed and dropped (no exchange takes it), so the
+        keep-alive connection goes on.
+        """
+        close = self._closes_after_answer(head)
+        self._write_answer(
+            error_response(error, close, _http_date(self.now()), head.method == b"HEAD"), close
+        )
+        self.core.access_log.request(
+            head.method,
+            route.sandbox_id if route is not None else "-",
+            route.port if route is not None else 0,
+            error.status,
+            len(error.body()),
+            started,
+            self.client,
+        )
+
+    def _health(self, head: _Head) -> None:
+        """C{/status.ok}: 200 once the registry is synced, 503 while not or draining."""
+        core = self.core
+        close = self._closes_after_answer(head)
+        date = _http_date(self.now())
+        head_only = head.method == b"HEAD"
+        error: IngressError | None = None
+        if core.draining:
+            error = ShuttingDown("ingress is shutting down")
+        elif not core.registry.synced:
+            error = RegistryNotSynced("sandbox registry is not synced yet")
+        if error is None:
+            self._write_answer(health_response(close, date, head_only), close)
+        else:
+            self._write_answer(error_response(error, close, date, head_only), close)
+
+    def _write_answer(self, data: bytes, close: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        _send(transport, data)
+        if close:
+            self._close()
+            return
+        self._idle_since = self.now()
+        self._arm()
 
     def _refuse(self, refusal: FramingError) -> None:
         """Answer a request the framing policy refused, and close."""
@@ -655,6 +716,8 @@ class FastChannel(Protocol):
         elif timer.getTime() - self.now() > delay + 0.001:
             timer.reset(delay)
 
+    arm = _arm
+
     def _expired(self) -> None:
         self._timer = None
         if self._closing or self._switched:
@@ -722,6 +785,7 @@ class _Exchange:
         "_timed_out",
         "_producer",
         "_out",
+        "_hold",
     )
 
     def __init__(
@@ -759,15 +823,45 @@ class _Exchange:
         self._timed_out = False
         self._producer: _ReadUpstream | None = None
         self._out = b""
+        self._hold: Deferred[SandboxRecord] | None = None
 
     # -- start ----------------------------------------------------------------
 
     def start(self) -> None:
-        core = self.core
+        """Forward the request, holding it first while its sandbox is not ready."""
+        self.core.request_started()
+        record = self.record
+        if not ready(record):
+            # Held (--ready-wait): the upload waits in `pending`, the client
+            # paused, as while a backend is dialled.
+            self._hold = hold = self.channel.decider.hold(self.route, record)
+            hold.addCallbacks(self._released, self._hold_failed)
+            return
+        self._forward()
+
+    def _released(self, record: SandboxRecord) -> None:
+        self._hold = None
+        self.record = record
+        self.endpoint = record.endpoint  # type: ignore[assignment]
+        self.last = self.channel.now()
+        self._forward()
+
+    def _hold_failed(self, failure: Failure) -> None:
+        self._hold = None
+        if self._done:
+            return  # the client left (it cancelled the hold)
+        error: IngressError
+        if failure.check(IngressError):
+            error = failure.value
+        else:
+            _log.failure("holding a request failed", failure)
+            error = UpstreamUnreachable("internal error")
+        self._send_error(error)
+
+    def _forward(self) -> None:
         route = self.route
         channel = self.channel
-        core.renew.offer(route.sandbox_id, route.port, channel.decider.renew_uri(route))
-        core.request_started()
+        self.core.renew.offer(route.sandbox_id, route.port, channel.decider.renew_uri(route))
         channel.pool.acquire(self._key(), self)
 
     def request_bytes(self) -> bytes:
@@ -1017,6 +1111,9 @@ class _Exchange:
         if self._done:
             return
         self._done = True
+        if self._hold is not None:
+            hold, self._hold = self._hold, None
+            hold.cancel()
         if self._connector is not None:
             connector, self._connector = self._connector, None
             connector.cancel()
@@ -1031,6 +1128,12 @@ class _Exchange:
     def idle_expired(self) -> None:
         """Nothing moved for C{--idle-timeout} seconds (the channel's timer)."""
         if self._done:
+            return
+        if self._hold is not None:
+            # A held request is bounded by --ready-wait, not by the idle
+            # timeout (as on twisted.web, where it holds before forwarding).
+            self.last = self.channel.now()
+            self.channel.arm()
             return
         self._timed_out = True
         if not self.upload_done and self.upstream is not None and not self._upload_paused:

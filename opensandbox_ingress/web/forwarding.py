@@ -346,10 +346,12 @@ def error_headers(error: IngressError) -> HeaderPairs:
     return headers
 
 
-def error_response(error: IngressError, close: bool, date: bytes) -> bytes:
+def error_response(error: IngressError, close: bool, date: bytes, head_only: bool = False) -> bytes:
     """
     C{error} as a complete HTTP/1.1 response, for front-ends that write
-    bytes.  C{close} adds C{Connection: close}; C{date} is the C{Date} value.
+    bytes.  C{close} adds C{Connection: close}; C{date} is the C{Date}
+    value; C{head_only} (an answer to C{HEAD}) leaves the body out but keeps
+    its length.
     """
     body = error.body()
     lines = [status_line(error.status)]
@@ -358,5 +360,21 @@ def error_response(error: IngressError, close: bool, date: bytes) -> bytes:
     lines += (b"Date: ", date, b"\r\nContent-Length: %d\r\n" % len(body))
     for name, value in error_headers(error):
         lines += (name, b": ", value, b"\r\n")
-    lines += (b"\r\n", body)
+    lines.append(b"\r\n")
+    if not head_only:
+        lines.append(body)
     return b"".join(lines)
+
+
+def health_response(close: bool, date: bytes, head_only: bool = False) -> bytes:
+    """The health check's C{200 OK} (body C{OK}), as L{error_response} frames it."""
+    return b"".join(
+        (
+            status_line(200),
+            b"Connection: close\r\n" if close else b"",
+            b"Date: ",
+            date,
+            b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\n\r\n",
+            b"" if head_only else b"OK",
+        )
+    )
