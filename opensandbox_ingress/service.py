@@ -29,10 +29,10 @@ from .shared_throttle import SharedThrottlePublisher
 from .sources import build_source, name_candidates_for
 from .web.admin import AdminResource, AdminSite
 from .web.decision import Decider
-from .web.fast import FastIngressFactory
 from .web.forwarding import forward_options
 from .web.health import IngressResource
 from .web.proxy import Proxy
+from .web.server import ProxyServerFactory
 from .web.site import IngressSite
 from .web.upstream import UpstreamClient
 from .web.websocket import WebSocketRelay
@@ -246,7 +246,7 @@ class IngressService(MultiService):
         if self.keys_watcher is not None:
             self.keys_watcher.setServiceParent(self)
         #: What the proxy listeners serve: the fast path, in front of C{site}.
-        self.factory = FastIngressFactory(
+        self.factory = ProxyServerFactory(
             core, self.site, self.decider, self.upstream.fast, options
         )
         self.listeners = _Listeners(reactor, config.listen, self.factory)

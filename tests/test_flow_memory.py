@@ -11,7 +11,7 @@ from pathlib import Path
 from twisted.internet import error as ierror
 from twisted.python.failure import Failure
 
-from opensandbox_ingress.web.fast import PIPELINE_LIMIT
+from opensandbox_ingress.web.server import PIPELINE_LIMIT
 from tests.memory_ingress import OK, Backend, Client, MemoryIngress, get
 
 # -- pipelining -----------------------------------------------------------------------------

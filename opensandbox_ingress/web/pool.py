@@ -3,7 +3,7 @@ Backend connections for the fast path, pooled per sandbox generation.
 
 L{BackendConnection} writes requests and frames responses with the framing
 layer, feeding the events to the exchange attached to it (any object with
-the L{Exchange} methods); L{BackendPool} keeps idle connections by
+the L{ConnectionUser} methods); L{BackendPool} keeps idle connections by
 (sandbox generation, host, port) and dials new ones.
 
 Pod addresses are recycled, so a connection is only reused for the same
@@ -46,7 +46,7 @@ PoolKey = tuple[str, str, int]
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
 
-class Exchange(TypingProtocol):
+class ConnectionUser(TypingProtocol):
     """What a connection needs of the exchange it serves."""
 
     head: Any
@@ -65,7 +65,7 @@ class Exchange(TypingProtocol):
 class BackendConnection(Protocol):
     """
     One connection to a backend: writes requests, frames responses with
-    the framing layer and feeds them to its current L{Exchange}.  Pooled
+    the framing layer and feeds them to its current L{ConnectionUser}.  Pooled
     between exchanges; any byte it was not asked for (after a response, or
     while idle in the pool) closes it.
     """
@@ -76,7 +76,7 @@ class BackendConnection(Protocol):
         self.pool = pool
         self.key = key
         self._dial = dial
-        self.exchange: Exchange | None = None
+        self.exchange: ConnectionUser | None = None
         self.idle_since = 0.0
         self._parser = response_parser()
         self._reusable = True
@@ -103,7 +103,7 @@ class BackendConnection(Protocol):
             self._connected = False
             self.transport.loseConnection()
 
-    def attach(self, exchange: Exchange, reused: bool) -> None:
+    def attach(self, exchange: ConnectionUser, reused: bool) -> None:
         """Serve C{exchange} next."""
         self.exchange = exchange
         self._parser.expect(exchange.head.method)
@@ -190,10 +190,10 @@ class BackendConnection(Protocol):
 class _ConnectionFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, pool: BackendPool, key: PoolKey, exchange: Exchange) -> None:
+    def __init__(self, pool: BackendPool, key: PoolKey, exchange: ConnectionUser) -> None:
         self.pool = pool
         self.key = key
-        self.exchange: Exchange | None = exchange
+        self.exchange: ConnectionUser | None = exchange
 
     def buildProtocol(self, addr: Any) -> BackendConnection:
         return BackendConnection(self.pool, self.key, self)
@@ -259,7 +259,7 @@ class BackendPool:
         self._sweeper: LoopingCall | None = None
         self._clock: IReactorTime = reactor
 
-    def acquire(self, key: PoolKey, exchange: Exchange) -> None:
+    def acquire(self, key: PoolKey, exchange: ConnectionUser) -> None:
         """Attach an idle connection of C{key} to C{exchange}, or dial one."""
         conns = self._idle.get(key)
         while conns:
@@ -269,7 +269,7 @@ class BackendPool:
                 return
         self.connect(key, exchange)
 
-    def connect(self, key: PoolKey, exchange: Exchange) -> None:
+    def connect(self, key: PoolKey, exchange: ConnectionUser) -> None:
         """Dial a new connection for C{exchange}."""
         _generation, host, port = key
         family = self._families.get(host)
