@@ -1,6 +1,6 @@
 """
-Pipelining, backpressure both ways and the retry of an idempotent request
-on a dead pooled connection, on the proxy listener, in memory
+Pipelining, backpressure both ways, the retry of an idempotent request on
+a dead pooled connection and dialling, on the proxy listener, in memory
 (C{StringTransport}s and a C{MemoryReactorClock}; no sockets, no sleeps).
 """
 
@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from twisted.internet import error as ierror
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from opensandbox_ingress import SandboxRecord
+from opensandbox_ingress.web.pool import client_endpoint
 from opensandbox_ingress.web.server import PIPELINE_LIMIT
 from tests.memory_ingress import OK, Backend, Client, MemoryIngress, get
 
@@ -147,3 +153,39 @@ def test_retry_happens_once(tmp_path: Path) -> None:
     fresh.protocol.connectionLost(Failure(ierror.ConnectionLost()))
     assert len(ingress.dials()) == 2
     assert client.statuses() == [200, 502]
+
+
+# -- dialling -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("10.0.0.5", TCP4ClientEndpoint),
+        ("fd00::5", TCP6ClientEndpoint),
+        ("pod.ns.svc.cluster.local", HostnameEndpoint),
+    ],
+)
+def test_one_endpoint_builder_picks_the_endpoint_by_address_kind(host: str, kind: type) -> None:
+    """Address literals dial directly, names resolve first; all with the connect timeout."""
+    clock = MemoryReactorClock()
+    endpoint = client_endpoint(clock, host, 8080, 2.5)
+    assert type(endpoint) is kind
+    endpoint.connect(Factory.forProtocol(Protocol))
+    if kind is not HostnameEndpoint:
+        assert clock.tcpClients[0][:2] == (host, 8080)
+        assert clock.tcpClients[0][3] == 2.5
+
+
+def test_ipv6_backend_is_dialled_and_served(tmp_path: Path) -> None:
+    """A sandbox at an IPv6 address is dialled through the endpoint and proxied, Host bracketed."""
+    ingress = MemoryIngress(tmp_path)
+    ingress.service.registry.replace_all([SandboxRecord("sbx", endpoint="fd00::5", generation="g")])
+    client = ingress.connect()
+    client.send(get())
+    [(host, port, _factory, timeout, _bind)] = ingress.dials()
+    assert (host, port, timeout) == ("fd00::5", 8080, 10.0)
+    backend = ingress.accept_dial()
+    assert b"\r\nHost: [fd00::5]:8080\r\n" in backend.received()
+    backend.answer(OK)
+    assert client.statuses() == [200]

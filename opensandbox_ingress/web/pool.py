@@ -22,8 +22,8 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import error as ierror
-from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -44,6 +44,23 @@ MAX_IDLE_PER_KEY = 32
 PoolKey = tuple[str, str, int]
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
+
+
+def client_endpoint(
+    reactor: Any, host: str, port: int, timeout: float
+) -> IStreamClientEndpoint:
+    """
+    The one endpoint builder for backends (the HTTP clients and the
+    WebSocket relay's dial): C{TCP4ClientEndpoint} / C{TCP6ClientEndpoint}
+    for an address literal, C{HostnameEndpoint} for a name, each bounded by
+    C{timeout} seconds.
+    """
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    cls = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
+    return cls(reactor, host, port, timeout=timeout)
 
 
 class ConnectionUser(TypingProtocol):
@@ -282,15 +299,12 @@ class BackendPool:
                 self._families[host] = family
         factory = _ConnectionFactory(self, key, exchange)
         if family == 4:
+            # connectTCP directly: an endpoint's Deferred chain costs more
+            # than the dial itself on the hot path.
             connector = self._reactor.connectTCP(host, port, factory, timeout=self._timeout)
             exchange.connecting(_TCPDial(connector, factory))
             return
-        endpoint: Any
-        if family == 6:
-            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
-        d = endpoint.connect(factory)
+        d = client_endpoint(self._reactor, host, port, self._timeout).connect(factory)
         exchange.connecting(_EndpointDial(d, factory))
 
         def failed(failure: Failure) -> None:

@@ -15,16 +15,10 @@ measurable share of the hot path.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.python.failure import Failure
@@ -35,7 +29,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 
 from ..framing import EndOfMessage, FramingError, ResponseParser, response_parser
 from .forwarding import InvalidUpstreamResponse
-from .pool import BackendPool
+from .pool import BackendPool, client_endpoint
 
 #: How many recently dropped generations are remembered, so that a request
 #: still in flight when its sandbox changed does not return its connection
@@ -197,20 +191,11 @@ class UpstreamClient:
         target = self._targets.get(key)
         if target is None:
             _generation, host, port = key
-            endpoint: IStreamClientEndpoint
-            try:
-                version = ipaddress.ip_address(host).version
-            except ValueError:
-                endpoint = HostnameEndpoint(
-                    self._reactor, host, port, timeout=self._connect_timeout
-                )
-                netloc = host.encode("idna")
+            endpoint = client_endpoint(self._reactor, host, port, self._connect_timeout)
+            if ":" in host:
+                netloc = b"[" + host.encode("ascii") + b"]"
             else:
-                cls = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
-                endpoint = cls(self._reactor, host, port, timeout=self._connect_timeout)
-                netloc = host.encode("ascii")
-                if version == 6:
-                    netloc = b"[" + netloc + b"]"
+                netloc = host.encode("idna")
             uri = URI(
                 scheme=b"http",
                 netloc=b"%s:%d" % (netloc, port),

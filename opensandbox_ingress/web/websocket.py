@@ -45,7 +45,6 @@ and the other way round.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -58,11 +57,6 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,6 +75,7 @@ from ..errors import (
 )
 from .errors import render_error
 from .forwarding import HOP_BY_HOP, POWERED_BY, describe_failure
+from .pool import client_endpoint
 from .proxy import Resolution, client_ip, forward_request_headers
 
 if TYPE_CHECKING:
@@ -1181,12 +1176,7 @@ class WebSocketRelay:
 
     def endpoint_for(self, host: str, port: int) -> Any:
         """A client endpoint (C{IStreamClientEndpoint}) for the backend."""
-        try:
-            version = ipaddress.ip_address(host).version
-        except ValueError:
-            return HostnameEndpoint(self.reactor, host, port, timeout=self._connect_timeout)
-        cls = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
-        return cls(self.reactor, host, port, timeout=self._connect_timeout)
+        return client_endpoint(self.reactor, host, port, self._connect_timeout)
 
     @property
     def active_sessions(self) -> int:
