@@ -27,7 +27,6 @@ from ..framing import (
     ResponseHead,
     status_line,
 )
-from .decision import ready
 from .forwarding import (
     CLIENT_CLOSED,
     POWERED_BY,
@@ -141,7 +140,7 @@ class Exchange:
         """Forward the request, holding it first while its sandbox is not ready."""
         self.core.request_started()
         record = self.record
-        if not ready(record):
+        if not (record.ready and record.endpoint):
             # Held (--ready-wait): the upload waits in `pending`, the client
             # paused, as while a backend is dialled.
             self._hold = hold = self.channel.decider.hold(self.route, record)
@@ -172,7 +171,8 @@ class Exchange:
         route = self.route
         channel = self.channel
         self.core.renew.offer(route.sandbox_id, route.port, channel.decider.renew_uri(route))
-        channel.pool.acquire(self._key(), self)
+        record = self.record
+        channel.pool.acquire((record.generation or record.name, self.endpoint, route.port), self)
 
     def request_bytes(self) -> bytes:
         """The request head for the backend."""

@@ -52,7 +52,7 @@ from ..framing import (
     Switched,
     request_parser,
 )
-from .decision import Decider, is_health, ready
+from .decision import HEALTH_PATH, Decider, is_health
 from .exchange import Exchange
 from .forwarding import (
     DEFAULT_OPTIONS,
@@ -305,15 +305,17 @@ class ProxyServerChannel(Protocol):
         if head is None:
             self._hand_off(request)
             return
-        if is_health(head.target):
+        target = head.target
+        # (The prefix test first: the call is for the rare health check.)
+        if target.startswith(HEALTH_PATH) and is_health(target):
             self._health(head)
             return
         decider = self.decider
         route = None
         try:
-            route = decider.route(head.target, head.ingress_to, head.legacy, head.host)
+            route = decider.route(target, head.ingress_to, head.legacy, head.host)
             route, record = decider.admit(route, head.secure)
-            if not decider.ready_wait_s and not ready(record):
+            if not (record.ready and record.endpoint) and not decider.ready_wait_s:
                 record.require_ready()
         except IngressError as e:
             self._answer(head, e, started, route)
