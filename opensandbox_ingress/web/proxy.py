@@ -1,14 +1,15 @@
 """
-The proxy resource: route, resolve, authorise, then forward over HTTP (or
-hand a WebSocket upgrade to the relay).
+The proxy resource (front-end B, C{twisted.web}): the L{Decider}'s
+decision, then forward over HTTP (or hand a WebSocket upgrade to the
+relay).
 
 Per request (reactor thread only)::
 
-    route  = routing.parse_*(request)                  pure
-    record = registry.lookup(route.sandbox_id)         O(1)
-    secure_access.check_access(...)                    pure
-    renew.offer(...)                                   never blocks
-    forward: UpstreamClient.request -> _Exchange relays the response
+    route, record = decider.route(...), decider.admit(...)   see decision.py
+    not ready: decider.hold(...) (--ready-wait) or 503
+    renew.offer(...)                                          never blocks
+    forward: UpstreamClient.request -> _Exchange relays the response,
+             headers by the rules of forwarding.py
 
 Backpressure: the response body's upstream transport is registered as the
 client request's push producer, so a client that stops reading pauses the
