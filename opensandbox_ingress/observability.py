@@ -104,7 +104,7 @@ def make_log_observer(level: str, fmt: str, out: IO[str]) -> ILogObserver:
 
 
 #: The lines Twisted's listening ports log unconditionally through the
-#: legacy C{log.msg} (C{"FastIngressFactory starting on 28888"}, C{"(TCP
+#: legacy C{log.msg} (C{"ProxyServerFactory starting on 28888"}, C{"(TCP
 #: Port 28888 Closed)"}; see C{twisted/internet/tcp.py} C{Port.startListening}
 #: and C{connectionLost}): a factory's C{noisy = False} does not cover them.
 _PORT_NOISE = re.compile(r"\S+ starting on \S+|\((?:[A-Z]+ )?Port \S+ Closed\)")

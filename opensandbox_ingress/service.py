@@ -28,9 +28,11 @@ from .secure_access import KeyRing
 from .shared_throttle import SharedThrottlePublisher
 from .sources import build_source, name_candidates_for
 from .web.admin import AdminResource, AdminSite
-from .web.fast import FastIngressFactory
+from .web.decision import Decider
+from .web.forwarding import forward_options
 from .web.health import IngressResource
 from .web.proxy import Proxy
+from .web.server import ProxyServerFactory
 from .web.site import IngressSite
 from .web.upstream import UpstreamClient
 from .web.websocket import WebSocketRelay
@@ -38,50 +40,40 @@ from .web.websocket import WebSocketRelay
 
 class IngressCore:
     """
-    The shared state of one ingress: configuration, registry, upstream
-    client, renew publisher, access log, drain state.
+    The shared state of one ingress: configuration, registry, live
+    secure-access keys, metrics, access log, renew publisher and drain
+    state (draining, exchanges in flight).  It builds nothing and decides
+    nothing: L{IngressService} builds the objects that serve requests and
+    hands each the state it reads.
 
-    Ownership: reactor thread.  Resources and the relay hold a reference to
-    it; nothing in it is global.
+    Ownership: reactor thread.  Nothing in it is global.
+
+    @ivar reactor: the reactor, also the clock (C{IReactorTime}) of every
+        timer and timestamp of the web layer.
     """
 
-    def __init__(self, config: IngressConfig, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: IngressConfig,
+        reactor: Any,
+        registry: SandboxRegistry,
+        secure_access_keys: KeyRing,
+        renew: RenewIntentPublisher,
+        metrics: IngressMetrics,
+        access_log: AccessLog,
+    ) -> None:
         self.config = config
         self.reactor = reactor
-        self.registry = SandboxRegistry(name_candidates_for(config))
-        self.upstream = UpstreamClient(reactor, config.upstream_connect_timeout_s)
-        self.registry.add_change_listener(self._record_changed)
-        #: The live OSEP-0011 keys: the flag's, or the keys file's (the
+        self.registry = registry
+        #: The live OSEP-0011 keys: the flag's, or the keys file's (a
         #: watcher replaces them in place when the file changes).
-        self.secure_access_keys = KeyRing(config.secure_access_keys)
-        #: Re-reads C{--secure-access-keys-file}, if given; loaded now, so a
-        #: broken file stops the start with a L{ConfigError}.
-        self.keys_watcher = keys_watcher_for(config, self.secure_access_keys, reactor)
-        publisher = (
-            SharedThrottlePublisher
-            if config.renew_intent.shared_throttle
-            else RenewIntentPublisher
-        )
-        self.renew: RenewIntentPublisher = publisher(reactor, config.renew_intent)
-        self.metrics = IngressMetrics(config.mode)
-        self.access_log = AccessLog(metrics=self.metrics)
-        self.proxy = Proxy(self)
-        self.websocket = WebSocketRelay(self)
-        self.proxy.websocket_handler = self.websocket.handle
+        self.secure_access_keys = secure_access_keys
+        self.renew = renew
+        self.metrics = metrics
+        self.access_log = access_log
         self.draining = False
         self.active_requests = 0
         self._idle_waiters: list[Deferred[None]] = []
-
-    def handle(self, request: Any) -> None:
-        """Serve one proxied request."""
-        self.proxy.handle(request)
-
-    def _record_changed(self, old: Any, new: Any) -> None:
-        # A changed or vanished sandbox's pooled sockets may point at an
-        # address that now belongs to someone else.
-        if new is None or new.generation != old.generation or new.endpoint != old.endpoint:
-            self.upstream.forget_generation(old.generation or old.name)
-        self.websocket.sandbox_changed(old, new)
 
     def request_started(self) -> None:
         """Count an in-flight proxied exchange."""
@@ -223,8 +215,25 @@ class IngressService(MultiService):
         config.validate()
         self.config = config
         self.reactor = reactor
-        self.core = IngressCore(config, reactor)
-        self.resource = IngressResource(self.core)
+        self.core = core = _build_core(config, reactor)
+        #: Re-reads C{--secure-access-keys-file}, if given; loaded now, so a
+        #: broken file stops the start with a L{ConfigError}.
+        self.keys_watcher = keys_watcher_for(config, core.secure_access_keys, reactor)
+        #: The backend client and its pools (per sandbox generation).
+        self.upstream = UpstreamClient(reactor, config.upstream_connect_timeout_s)
+        #: The one routing decision of both front-ends.
+        self.decider = Decider(
+            core.registry,
+            core.secure_access_keys,
+            config.mode == "uri",
+            config.ready_wait_s,
+            reactor,
+        )
+        options = forward_options(config)
+        self.websocket = WebSocketRelay(core, reactor.seconds)
+        self.proxy = Proxy(core, self.decider, self.upstream, self.websocket.handle, options)
+        core.registry.add_change_listener(self._record_changed)
+        self.resource = IngressResource(core, self.proxy)
         self.site = IngressSite(
             self.resource,
             idle_timeout=config.idle_timeout_s,
@@ -234,10 +243,12 @@ class IngressService(MultiService):
         self.source = build_source(config, self.core.registry, reactor)
         self.source.setServiceParent(self)
         self.core.renew.setServiceParent(self)
-        if self.core.keys_watcher is not None:
-            self.core.keys_watcher.setServiceParent(self)
+        if self.keys_watcher is not None:
+            self.keys_watcher.setServiceParent(self)
         #: What the proxy listeners serve: the fast path, in front of C{site}.
-        self.factory = FastIngressFactory(self.core, self.site)
+        self.factory = ProxyServerFactory(
+            core, self.site, self.decider, self.upstream.fast, options
+        )
         self.listeners = _Listeners(reactor, config.listen, self.factory)
         self.listeners.setServiceParent(self)
         self.admin_site = AdminSite(AdminResource(self.core))
@@ -245,9 +256,16 @@ class IngressService(MultiService):
         if config.admin_listen:
             self.admin_listeners = _Listeners(reactor, config.admin_listen, self.admin_site)
             self.admin_listeners.setServiceParent(self)
-        _export_state(self.core, self.source)
+        _export_state(core, self.websocket, self.source)
         #: An ILogObserver that the twistd plugin installs on the application.
         self.log_observer: Any = None
+
+    def _record_changed(self, old: Any, new: Any) -> None:
+        # A changed or vanished sandbox's pooled sockets may point at an
+        # address that now belongs to someone else.
+        if new is None or new.generation != old.generation or new.endpoint != old.endpoint:
+            self.upstream.forget_generation(old.generation or old.name)
+        self.websocket.sandbox_changed(old, new)
 
     @property
     def registry(self) -> SandboxRegistry:
@@ -293,7 +311,7 @@ class IngressService(MultiService):
         )
         await self.listeners.stopService()
         # WebSockets never end by themselves: close them with 1001.
-        core.websocket.close_all()
+        self.websocket.close_all()
         deadline = self.reactor.seconds() + self.config.shutdown_timeout_s
         if not await self._within(core.when_idle(), deadline):
             self._log.warn(
@@ -307,7 +325,7 @@ class IngressService(MultiService):
             # Finished responses may still sit in send buffers: close the
             # connections and let them flush, within the same deadline.
             await self._within(self.factory.close_connections(), deadline)
-        await core.upstream.close()
+        await self.upstream.close()
         # The remaining children (source, publisher) stop in reverse order.
         Service.stopService(self)
         stops = [
@@ -330,7 +348,24 @@ class IngressService(MultiService):
         return True
 
 
-def _export_state(core: IngressCore, source: Any) -> None:
+def _build_core(config: IngressConfig, reactor: Any) -> IngressCore:
+    """The state of one ingress, built from C{config}."""
+    publisher = (
+        SharedThrottlePublisher if config.renew_intent.shared_throttle else RenewIntentPublisher
+    )
+    metrics = IngressMetrics(config.mode)
+    return IngressCore(
+        config,
+        reactor,
+        SandboxRegistry(name_candidates_for(config)),
+        KeyRing(config.secure_access_keys),
+        publisher(reactor, config.renew_intent),
+        metrics,
+        AccessLog(clock=reactor.seconds, metrics=metrics),
+    )
+
+
+def _export_state(core: IngressCore, websocket: WebSocketRelay, source: Any) -> None:
     """Register the scrape-time metrics that read state owned elsewhere."""
     metrics = core.metrics
 
@@ -356,19 +391,17 @@ def _export_state(core: IngressCore, source: Any) -> None:
         "Requests holding for a sandbox to become ready.",
         lambda: core.registry.ready_waiters,
     )
-    websocket = getattr(core, "websocket", None)
-    if websocket is not None and hasattr(websocket, "active_sessions"):
-        metrics.add_gauge(
-            "opensandbox_ingress_websocket_sessions",
-            "WebSocket sessions open.",
-            lambda: websocket.active_sessions,
-        )
-        metrics.add_counter(
-            "opensandbox_ingress_websocket_sessions_ended_by_sandbox",
-            "WebSocket sessions closed because their sandbox was removed, recreated, "
-            "moved or changed its access token.",
-            lambda: ("reason", dict(websocket.ended_by_sandbox)),
-        )
+    metrics.add_gauge(
+        "opensandbox_ingress_websocket_sessions",
+        "WebSocket sessions open.",
+        lambda: websocket.active_sessions,
+    )
+    metrics.add_counter(
+        "opensandbox_ingress_websocket_sessions_ended_by_sandbox",
+        "WebSocket sessions closed because their sandbox was removed, recreated, "
+        "moved or changed its access token.",
+        lambda: ("reason", dict(websocket.ended_by_sandbox)),
+    )
     stats = getattr(source, "stats", None)
     if stats is not None and hasattr(stats, "events"):
         metrics.add_counter(

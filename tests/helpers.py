@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
 
 from opensandbox_ingress import IngressConfig, IngressService, build_ingress
 
@@ -59,8 +60,48 @@ async def start_ingress(
     return service
 
 
+#: The two front-ends an HTTP behaviour test can run through: the proxy
+#: listener (the default), and the Resource tree mounted in a plain
+#: twisted.web Site, as an embedding program does (README "Embedding").
+FRONT_ENDS = ("listener", "site")
+
+#: The embedder's listening port of each ingress started with front_end="site".
+_embedded: dict[int, Any] = {}
+
+
+async def start_front_end(
+    tmp_path: Path, sandboxes: list[dict[str, Any]], front_end: str, **overrides: Any
+) -> IngressService:
+    """
+    L{start_ingress}, reached through C{front_end}: with C{"site"}, the
+    service's C{resource} is also served by a plain C{Site} on a loopback
+    port, and L{ingress_port} / L{ingress_url} name that port.  Stop it
+    with L{stop_front_end}.
+    """
+    service = await start_ingress(tmp_path, sandboxes, **overrides)
+    if front_end == "site":
+        _embedded[id(service)] = reactor.listenTCP(0, Site(service.resource), interface="127.0.0.1")
+    return service
+
+
+async def stop_front_end(service: IngressService) -> None:
+    """Stop an ingress from L{start_front_end} and its embedder's port."""
+    port = _embedded.pop(id(service), None)
+    if port is not None:
+        await port.stopListening()
+    await service.stopService()
+
+
+def ingress_port(service: IngressService) -> int:
+    """The port of the front-end under test (the proxy listener unless embedded)."""
+    port = _embedded.get(id(service))
+    if port is not None:
+        return int(port.getHost().port)
+    return int(service.addresses()[0].port)
+
+
 def ingress_url(service: IngressService, path: str = "/") -> str:
-    return f"http://127.0.0.1:{service.addresses()[0].port}{path}"
+    return f"http://127.0.0.1:{ingress_port(service)}{path}"
 
 
 async def request(

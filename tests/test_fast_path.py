@@ -1,5 +1,5 @@
 """
-The proxy port's fast path (opensandbox_ingress.web.fast) against a
+The proxy port's fast path (opensandbox_ingress.web.server) against a
 byte-level backend: framing, pipelining, hand-off to twisted.web on the
 same connection, pooled-connection retries, broken backends.
 """
@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from opensandbox_ingress import IngressService
-from opensandbox_ingress.web.fast import PIPELINE_LIMIT, FastChannel
+from opensandbox_ingress.web.server import PIPELINE_LIMIT, ProxyServerChannel
 from tests.helpers import RawClient, raw_connect, start_ingress, wait_until
 
 CANNED = {
@@ -116,19 +116,21 @@ def _responses(raw: bytes) -> list[bytes]:
 async def test_same_connection_moves_to_twisted_web_and_keeps_serving(
     ingress: IngressService, canned: CannedBackend
 ) -> None:
-    """Fast request, then the health check (twisted.web) and a proxied request on one connection."""
+    """Fast request, then an Expect request (twisted.web) and a proxied request on one connection."""
     client = await _client(ingress)
     client.transport.write(_get("/cl", canned))
     await wait_until(lambda: client.received.endswith(b"hello"), what="fast response")
     # The fast path forwards response header names as the backend sent them.
     assert b"\r\nx-case: lower\r\n" in client.received
     client.received.clear()
-    client.transport.write(b"GET /status.ok HTTP/1.1\r\nHost: x\r\n\r\n")
-    await wait_until(lambda: client.received.endswith(b"\r\n\r\nOK"), what="health check")
+    client.transport.write(_get("/cl", canned, "Expect: 100-continue\r\n"))
+    await wait_until(lambda: client.received.endswith(b"hello"), what="handed-off response")
+    # twisted.web canonicalises names: this one went through the slow path.
+    assert b"\r\nX-Case: lower\r\n" in client.received
     client.received.clear()
     client.transport.write(_get("/cl", canned))
     await wait_until(lambda: client.received.endswith(b"hello"), what="slow-path response")
-    # twisted.web canonicalises names: this one went through the slow path.
+    # The connection stays with twisted.web.
     assert b"\r\nX-Case: lower\r\n" in client.received
     assert not client.lost
     client.transport.loseConnection()
@@ -242,7 +244,7 @@ async def test_pipelined_flood_pauses_the_client(
     channels = list(ingress.factory.channels)
     assert len(channels) == 1
     channel = channels[0]
-    assert isinstance(channel, FastChannel)
+    assert isinstance(channel, ProxyServerChannel)
     await wait_until(lambda: channel._paused, what="client paused")
     # The flood outgrew every socket buffer: the client still holds unsent
     # bytes, so the ingress really stopped reading.
@@ -297,7 +299,7 @@ async def test_pipelined_upload_whose_body_waited_behind_a_response(
     # The rest of the upload arrives while the first response is pending.
     client.transport.write(b"world")
     [channel] = list(ingress.factory.channels)
-    assert isinstance(channel, FastChannel)
+    assert isinstance(channel, ProxyServerChannel)
     await wait_until(lambda: channel.pipelined_bytes == 5, what="the rest buffered")
     canned.held[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nheld")
     await wait_until(lambda: client.received.endswith(b"hello"), what="the POST's response")

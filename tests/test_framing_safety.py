@@ -464,7 +464,7 @@ async def test_bytes_while_idle_in_the_pool_close_the_backend_connection(
         client.transport.write(request)
         await wait_until(lambda: client.received.endswith(b"\r\n\r\nok"), what="first response")
         await wait_until(
-            lambda: ingress.core.upstream.idle_connection_count() == 1, what="pooled"
+            lambda: ingress.upstream.idle_connection_count() == 1, what="pooled"
         )
         first = backend.connections[0]
         assert first.transport is not None

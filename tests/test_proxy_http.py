@@ -15,11 +15,15 @@ from opensandbox_ingress import IngressService
 from opensandbox_ingress.registry import SandboxRecord
 from tests.backend import Backend, RawBackend
 from tests.helpers import (
+    FRONT_ENDS,
     header,
+    ingress_port,
     ingress_url,
     raw_connect,
     request,
+    start_front_end,
     start_ingress,
+    stop_front_end,
     wait_until,
     write_sandboxes,
 )
@@ -33,18 +37,36 @@ SANDBOXES: list[dict[str, Any]] = [
 ]
 
 
+@pytest.fixture(params=FRONT_ENDS)
+def front_end(request: pytest.FixtureRequest) -> str:
+    """Each behaviour test runs through the proxy listener and an embedder's Site."""
+    return str(request.param)
+
+
 @pytest_twisted.async_yield_fixture
-async def ingress(tmp_path: Path) -> AsyncIterator[IngressService]:
+async def ingress(tmp_path: Path, front_end: str) -> AsyncIterator[IngressService]:
+    service = await start_front_end(tmp_path, SANDBOXES, front_end)
+    yield service
+    await stop_front_end(service)
+
+
+@pytest_twisted.async_yield_fixture
+async def streaming(tmp_path: Path) -> AsyncIterator[IngressService]:
+    """
+    The proxy listener only: uploads stream through its own request
+    handling; a plain Site buffers a body before rendering (README
+    "Embedding").
+    """
     service = await start_ingress(tmp_path, SANDBOXES)
     yield service
     await service.stopService()
 
 
 @pytest_twisted.async_yield_fixture
-async def uri_ingress(tmp_path: Path) -> AsyncIterator[IngressService]:
-    service = await start_ingress(tmp_path, SANDBOXES, mode="uri")
+async def uri_ingress(tmp_path: Path, front_end: str) -> AsyncIterator[IngressService]:
+    service = await start_front_end(tmp_path, SANDBOXES, front_end, mode="uri")
     yield service
-    await service.stopService()
+    await stop_front_end(service)
 
 
 def seen_headers(seen: dict[str, Any]) -> dict[str, list[str]]:
@@ -290,7 +312,7 @@ async def test_no_content_type_invented_and_length_kept(
     ingress: IngressService, backend: Backend
 ) -> None:
     """A backend response without Content-Type gets none; Content-Length passes through."""
-    client = await raw_connect(ingress.addresses()[0].port)
+    client = await raw_connect(ingress_port(ingress))
     client.transport.write(
         b"GET /no-type HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n\r\n"
         % backend.port_number
@@ -309,7 +331,7 @@ async def test_no_content_type_invented_and_length_kept(
 @pytest_twisted.ensureDeferred
 async def test_sse_events_arrive_incrementally(ingress: IngressService, backend: Backend) -> None:
     """Each server-sent event reaches the client while the response is still open."""
-    client = await raw_connect(ingress.addresses()[0].port)
+    client = await raw_connect(ingress_port(ingress))
     arrived = backend.next_sse()
     client.transport.write(
         b"GET /sse HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n\r\n"
@@ -331,7 +353,7 @@ async def test_sse_events_arrive_incrementally(ingress: IngressService, backend:
 async def test_slow_client_pauses_backend(ingress: IngressService, backend: Backend) -> None:
     """A client that stops reading pauses the backend's writes; reading again finishes the body."""
     size = 256 * 1024 * 1024
-    client = await raw_connect(ingress.addresses()[0].port)
+    client = await raw_connect(ingress_port(ingress))
     client.transport.write(
         b"GET /download?size=%d HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n\r\n"
         % (size, backend.port_number)
@@ -359,11 +381,11 @@ async def test_slow_client_pauses_backend(ingress: IngressService, backend: Back
 
 
 @pytest_twisted.ensureDeferred
-async def test_upload_reaches_backend_before_it_completes(ingress: IngressService) -> None:
+async def test_upload_reaches_backend_before_it_completes(streaming: IngressService) -> None:
     """The backend receives the first upload bytes while the client is still sending."""
     raw = RawBackend().listen()
     try:
-        client = await raw_connect(ingress.addresses()[0].port)
+        client = await raw_connect(ingress_port(streaming))
         client.transport.write(
             b"PUT /up HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n"
             b"Content-Length: 200000\r\n\r\n" % raw.port_number
@@ -381,11 +403,11 @@ async def test_upload_reaches_backend_before_it_completes(ingress: IngressServic
 
 
 @pytest_twisted.ensureDeferred
-async def test_chunked_upload_is_streamed_chunked(ingress: IngressService) -> None:
+async def test_chunked_upload_is_streamed_chunked(streaming: IngressService) -> None:
     """A chunked upload reaches the backend chunked, as it arrives."""
     raw = RawBackend().listen()
     try:
-        client = await raw_connect(ingress.addresses()[0].port)
+        client = await raw_connect(ingress_port(streaming))
         client.transport.write(
             b"POST /up HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n" % raw.port_number
@@ -402,7 +424,7 @@ async def test_chunked_upload_is_streamed_chunked(ingress: IngressService) -> No
 @pytest_twisted.ensureDeferred
 async def test_expect_continue_upload(ingress: IngressService, backend: Backend) -> None:
     """Expect: 100-continue gets a 100 and the upload then goes through."""
-    client = await raw_connect(ingress.addresses()[0].port)
+    client = await raw_connect(ingress_port(ingress))
     client.transport.write(
         b"POST /echo HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n"
         b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n" % backend.port_number
@@ -414,11 +436,11 @@ async def test_expect_continue_upload(ingress: IngressService, backend: Backend)
 
 
 @pytest_twisted.ensureDeferred
-async def test_early_response_during_upload_closes_cleanly(ingress: IngressService) -> None:
+async def test_early_response_during_upload_closes_cleanly(streaming: IngressService) -> None:
     """A backend that answers before the upload ends: the client gets the answer, then close."""
     raw = RawBackend(early=True).listen()
     try:
-        client = await raw_connect(ingress.addresses()[0].port)
+        client = await raw_connect(ingress_port(streaming))
         client.transport.write(
             b"PUT /up HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n"
             b"Content-Length: 1000000\r\n\r\n" % raw.port_number + b"z" * 1000
@@ -434,7 +456,7 @@ async def test_backend_dying_mid_response_closes_client(
     ingress: IngressService, backend: Backend
 ) -> None:
     """A backend that stops mid-body leaves the client with a closed, truncated response."""
-    client = await raw_connect(ingress.addresses()[0].port)
+    client = await raw_connect(ingress_port(ingress))
     client.transport.write(
         b"GET /close-mid HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n\r\n"
         % backend.port_number
@@ -450,7 +472,7 @@ async def test_client_disconnect_cancels_backend_request(
     ingress: IngressService, backend: Backend
 ) -> None:
     """A client that goes away while waiting makes the ingress drop the backend request."""
-    client = await raw_connect(ingress.addresses()[0].port)
+    client = await raw_connect(ingress_port(ingress))
     client.transport.write(
         b"GET /hang HTTP/1.1\r\nOpenSandbox-Ingress-To: sbx-%d\r\nHost: x\r\n\r\n"
         % backend.port_number
@@ -502,7 +524,7 @@ async def test_recycled_address_gets_new_connection(tmp_path: Path, backend: Bac
         await wait_until(
             lambda: [r.name for r in service.registry.records()] == ["new"], what="reload"
         )
-        await wait_until(lambda: service.core.upstream.idle_connection_count() == 0)
+        await wait_until(lambda: service.upstream.idle_connection_count() == 0)
         response, body = await request(
             "GET", ingress_url(service, "/echo"), headers={"OpenSandbox-Ingress-To": f"new-{port}"}
         )

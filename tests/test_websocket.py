@@ -425,7 +425,7 @@ async def test_large_messages_arrive_byte_exact_both_ways(
     assert backend.messages[0].payload == up
     assert client.messages[0].payload == down
     assert ingress.core.active_requests == 1
-    assert ingress.core.websocket.active_sessions == 1
+    assert ingress.websocket.active_sessions == 1
 
 
 # -- closing ------------------------------------------------------------------------
@@ -510,7 +510,7 @@ async def test_no_pings_when_interval_is_zero(
     client.sendMessage(b"x", isBinary=True)
     await wait_until(lambda: client.messages, what="echo")
     assert (client.pings, backend.pings) == (0, 0)
-    assert ingress.core.websocket.client_options["autoPingInterval"] == 0
+    assert ingress.websocket.client_options["autoPingInterval"] == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -543,7 +543,7 @@ async def test_peer_that_stops_reading_pauses_the_other_side(
     peer, whose writes then stall (bounded); reading again resumes the stream."""
     ws_backend.echo = False
     client, backend = await _open(ingress, ws_backend, rcvbuf=64 * 1024)
-    session = next(iter(ingress.core.websocket.sessions))
+    session = next(iter(ingress.websocket.sessions))
     assert session.client is not None and session.backend is not None
     if direction == "download":
         reader, writer, source = client, backend, session.backend.transport
@@ -582,7 +582,7 @@ async def test_drain_mid_frame_completes_the_frame_then_closes(
     client.transport.pauseProducing()
     payload = os.urandom(16 * 1024 * 1024)
     backend.sendMessage(payload, isBinary=True)
-    session = next(iter(service.core.websocket.sessions))
+    session = next(iter(service.websocket.sessions))
     await wait_until(lambda: not _reading(session.backend.transport), what="relay mid-frame")
     assert session.client.send_state == session.client.SEND_STATE_INSIDE_MESSAGE_FRAME
     stopping = service.stopService()
@@ -635,7 +635,7 @@ async def test_backend_silent_after_connect_is_upstream_timeout(
 ) -> None:
     """A backend that accepts TCP but never answers the upgrade: 502 upstream_timeout."""
     silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
-    ingress.core.websocket.client_options["openHandshakeTimeout"] = 0.2
+    ingress.websocket.client_options["openHandshakeTimeout"] = 0.2
     try:
         client, status, headers = await _raw_handshake(
             _port(ingress), _handshake_lines(f"sbx-{silent.getHost().port}")
@@ -888,7 +888,7 @@ async def test_drain_while_a_small_message_is_collected_delivers_it_then_closes(
     # The client must not read (and answer) the ingress's close before its
     # frame is whole: Autobahn would write that answer inside it.
     client.transport.pauseProducing()
-    session = next(iter(service.core.websocket.sessions))
+    session = next(iter(service.websocket.sessions))
     await wait_until(lambda: session.client.collecting, what="half the message collected")
     stopping = service.stopService()
     await wait_until(lambda: session.backend.pending_close is not None, what="close held")

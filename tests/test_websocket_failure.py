@@ -31,7 +31,7 @@ async def _open(tmp_path: Path) -> tuple[Any, WsBackend, Any, Any, Any]:
     port = int(service.addresses()[0].port)
     client = await connect_client(port, f"sbx-{backend.port_number}")
     await wait_until(lambda: backend.opened, what="backend open")
-    session = next(iter(service.core.websocket.sessions))
+    session = next(iter(service.websocket.sessions))
     return service, backend, client, backend.opened[-1], session
 
 
@@ -82,7 +82,7 @@ async def test_answers_before_the_violation_still_arrive(
         assert bad.closed[1] == EXPECTED_CODE[kind]
         assert good.closed[1] == 1001
         assert good.closed[2].startswith("peer protocol error")
-        await wait_until(lambda: not service.core.websocket.sessions, what="session finished")
+        await wait_until(lambda: not service.websocket.sessions, what="session finished")
         assert (session.close_code, session.closed_by) == (EXPECTED_CODE[kind], violator)
     finally:
         await service.stopService()
@@ -101,7 +101,7 @@ async def test_silent_partner_cannot_hold_a_failing_session(
         _violate(client, "reserved-bits")
         await wait_until(lambda: client.closed, timeout=10, what="client failed")
         assert client.closed[1] == 1002
-        await wait_until(lambda: not service.core.websocket.sessions, what="session finished")
+        await wait_until(lambda: not service.websocket.sessions, what="session finished")
     finally:
         await service.stopService()
         await backend.stop()

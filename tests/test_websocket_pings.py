@@ -195,7 +195,7 @@ async def test_peer_that_stops_reading_mid_frame_is_still_dropped(tmp_path: Path
         streamer = FrameStreamer(peer, 256 * 1024 * 1024)
         await wait_until(lambda: peer.closed, timeout=20, what="the session to end")
         assert streamer.sent < 256 * 1024 * 1024
-        await wait_until(lambda: not service.core.websocket.sessions, what="no session left")
+        await wait_until(lambda: not service.websocket.sessions, what="no session left")
     finally:
         await service.stopService()
         await backend.stop()

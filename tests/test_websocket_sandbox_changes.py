@@ -90,7 +90,7 @@ async def test_removing_the_sandbox_closes_its_sessions_with_1001(tmp_path: Path
         await wait_until(lambda: client.closed and peer.closed, timeout=10, what="both closed")
         assert client.closed == (True, 1001, "sandbox sb was removed")
         assert peer.closed == (True, 1001, "sandbox sb was removed")
-        await wait_until(lambda: not service.core.websocket.sessions, what="session finished")
+        await wait_until(lambda: not service.websocket.sessions, what="session finished")
         assert _ended_metric(service, "removed") == 1
     finally:
         await service.stopService()

@@ -1,40 +1,15 @@
 """
-The one place where ingress-generated responses are rendered.
+Ingress-generated responses on C{twisted.web}: the headers and body of
+L{opensandbox_ingress.web.forwarding.error_headers}, written through a
+C{Request}.
 """
 
 from __future__ import annotations
 
 from twisted.web.server import Request
 
-from ..errors import ERROR_HEADER, IngressError
-from ..framing import status_line
-
-
-def error_headers(error: IngressError) -> list[tuple[bytes, bytes]]:
-    """The headers of C{error}'s response, besides framing and C{Date}."""
-    headers = [
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (ERROR_HEADER, error.code.encode("ascii")),
-    ]
-    headers.extend(error.extra_headers())
-    return headers
-
-
-def error_response(error: IngressError, close: bool, date: bytes) -> bytes:
-    """
-    C{error} as a complete HTTP/1.1 response, for front-ends that write
-    bytes (the fast path).  C{close} adds C{Connection: close}; C{date} is
-    the C{Date} value.
-    """
-    body = error.body()
-    lines = [status_line(error.status)]
-    if close:
-        lines.append(b"Connection: close\r\n")
-    lines += (b"Date: ", date, b"\r\nContent-Length: %d\r\n" % len(body))
-    for name, value in error_headers(error):
-        lines += (name, b": ", value, b"\r\n")
-    lines += (b"\r\n", body)
-    return b"".join(lines)
+from ..errors import IngressError
+from .forwarding import error_headers
 
 
 def render_error(request: Request, error: IngressError) -> None:

@@ -8,13 +8,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..errors import RegistryNotSynced, ShuttingDown
+from .decision import is_health
 from .errors import render_error
-from .proxy import ProxyResource, local_uri
+from .proxy import Proxy, ProxyResource, local_uri
 
 if TYPE_CHECKING:
     from ..service import IngressCore
-
-HEALTH_PATH = b"/status.ok"
 
 
 class HealthResource(Resource):
@@ -50,13 +49,12 @@ class IngressResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, core: IngressCore) -> None:
+    def __init__(self, core: IngressCore, proxy: Proxy) -> None:
         super().__init__()
         self.health = HealthResource(core)
-        self.proxy = ProxyResource(core)
+        self.proxy = ProxyResource(proxy)
 
     def render(self, request: Request) -> Any:
-        uri = local_uri(request)
-        if uri.split(b"?", 1)[0] == HEALTH_PATH:
+        if is_health(local_uri(request)):
             return self.health.render(request)
         return self.proxy.render(request)

@@ -1,14 +1,15 @@
 """
-The proxy resource: route, resolve, authorise, then forward over HTTP (or
-hand a WebSocket upgrade to the relay).
+The proxy resource (front-end B, C{twisted.web}): the L{Decider}'s
+decision, then forward over HTTP (or hand a WebSocket upgrade to the
+relay).
 
 Per request (reactor thread only)::
 
-    route  = routing.parse_*(request)                  pure
-    record = registry.lookup(route.sandbox_id)         O(1)
-    secure_access.check_access(...)                    pure
-    renew.offer(...)                                   never blocks
-    forward: UpstreamClient.request -> _Exchange relays the response
+    route, record = decider.route(...), decider.admit(...)   see decision.py
+    not ready: decider.hold(...) (--ready-wait) or 503
+    renew.offer(...)                                          never blocks
+    forward: UpstreamClient.request -> _Exchange relays the response,
+             headers by the rules of forwarding.py
 
 Backpressure: the response body's upstream transport is registered as the
 client request's push producer, so a client that stops reading pauses the
@@ -18,17 +19,14 @@ upstream transport, so a slow backend pauses the client's upload.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseFailed
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -37,78 +35,31 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .. import routing
-from ..errors import (
-    ClientTimeout,
-    IngressError,
-    SandboxNotReady,
-    UpstreamInvalidResponse,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from ..errors import ClientTimeout, IngressError, UpstreamUnreachable
 from ..registry import SandboxRecord
 from ..routing import Route
-from ..secure_access import SECURE_ACCESS_HEADER, check_access
+from ..secure_access import SECURE_ACCESS_HEADER
+from .decision import Decider, ready
 from .errors import render_error
+from .forwarding import (
+    CLIENT_CLOSED,
+    DEFAULT_OPTIONS,
+    POWERED_BY,
+    ForwardOptions,
+    backend_authority,
+    broken_response_label,
+    connection_tokens,
+    forward_request_fields,
+    response_fields,
+    upstream_failure,
+)
 from .site import IngressRequest
-from .upstream import InvalidUpstreamResponse
+from .upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from ..service import IngressCore
 
-#: Access-log status of a request whose client left before the response
-#: ended (nginx's convention; never sent on the wire).
-CLIENT_CLOSED = 499
-
-POWERED_BY = (b"Reverse-Proxy-Server-PowerBy", [b"OpenSandbox-ingress"])
-
-#: Headers never forwarded in either direction (RFC 9110 section 7.6.1),
-#: plus the ones Twisted's client frames itself.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-#: Request headers the backend must not see, besides hop-by-hop ones.
-_STRIP_REQUEST = HOP_BY_HOP | {
-    b"host",
-    b"content-length",
-    routing.INGRESS_TO_HEADER.lower(),
-    routing.LEGACY_INGRESS_HEADER.lower(),
-    SECURE_ACCESS_HEADER.lower(),
-    b"x-forwarded-for",
-    b"x-forwarded-prefix",
-}
-#: Response headers the client never sees: hop-by-hop, framing (the
-#: ingress frames the response itself), and the routing and secure-access
-#: headers (removed in both directions, so a sandbox cannot make a client
-#: hold or replay a credential or a route it did not send).
-_STRIP_RESPONSE = HOP_BY_HOP | {
-    b"content-length",
-    routing.INGRESS_TO_HEADER.lower(),
-    routing.LEGACY_INGRESS_HEADER.lower(),
-    SECURE_ACCESS_HEADER.lower(),
-}
 _NO_BODY_STATUSES = frozenset({204, 304})
-
-
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    return _tokens(headers.getRawHeaders(b"connection"))
-
-
-def _tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
-    if not values:
-        return frozenset()
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(b",")
-    )
 
 
 def is_websocket_upgrade(request: Request) -> bool:
@@ -119,7 +70,7 @@ def is_websocket_upgrade(request: Request) -> bool:
     upgrade = headers.getRawHeaders(b"upgrade")
     if not upgrade or upgrade[0].strip().lower() != b"websocket":
         return False
-    return b"upgrade" in _connection_tokens(headers)
+    return b"upgrade" in connection_tokens(headers.getRawHeaders(b"connection"))
 
 
 def client_ip(request: Request) -> str:
@@ -147,17 +98,17 @@ class ProxyResource(Resource):
     """
     Every path but the health check: the sandbox proxy.
 
-    A leaf resource; all state lives in the L{IngressCore} it serves.
+    A leaf resource; the L{Proxy} it renders through holds the pipeline.
     """
 
     isLeaf = True
 
-    def __init__(self, core: IngressCore) -> None:
+    def __init__(self, proxy: Proxy) -> None:
         super().__init__()
-        self._core = core
+        self._proxy = proxy
 
     def render(self, request: Request) -> Any:
-        self._core.handle(request)
+        self._proxy.handle(request)
         return NOT_DONE_YET
 
 
@@ -177,112 +128,73 @@ class Resolution:
 
 class Proxy:
     """
-    The request pipeline of one ingress: resolution, authorisation and HTTP
-    forwarding.  Reactor thread only.
+    The C{twisted.web} request pipeline of one ingress: the L{Decider}'s
+    decision, then HTTP forwarding through the upstream client (or the
+    WebSocket relay for an upgrade).  Reactor thread only.
     """
 
     _log = Logger()
 
-    def __init__(self, core: IngressCore) -> None:
-        self._core = core
-        config = core.config
-        self._uri_mode = config.mode == "uri"
-        # The core's live ring, not a copy: a keys file rotates it in place.
-        self._keys = core.secure_access_keys
-        self._ready_wait = config.ready_wait_s
-        self._idle = config.idle_timeout_s or None
-        self._clock: Callable[[], float] = time.time
+    def __init__(
+        self,
+        core: IngressCore,
+        decider: Decider,
+        upstream: UpstreamClient,
+        websocket_handler: Callable[[Request, Resolution], None] | None = None,
+        options: ForwardOptions = DEFAULT_OPTIONS,
+    ) -> None:
+        self.core = core
+        self.decider = decider
+        self.upstream = upstream
+        self._idle = core.config.idle_timeout_s or None
+        self.options = options
         #: Hook for the WebSocket relay: C{(request, resolution) -> None}.
-        self.websocket_handler: Callable[[Request, Resolution], None] | None = None
+        self.websocket_handler = websocket_handler
 
     # -- resolution -----------------------------------------------------------
 
     def parse_route(self, request: Request) -> Route:
         """The route of C{request} in the configured mode."""
-        uri = local_uri(request)
-        if self._uri_mode:
-            return routing.parse_uri_route(uri)
         headers = request.requestHeaders
         ingress_to = headers.getRawHeaders(routing.INGRESS_TO_HEADER)
         legacy = headers.getRawHeaders(routing.LEGACY_INGRESS_HEADER)
         host = headers.getRawHeaders(b"host")
-        return routing.parse_header_route(
+        return self.decider.route(
+            local_uri(request),
             ingress_to[0] if ingress_to else None,
             legacy[0] if legacy else None,
             host[0] if host else None,
-            uri,
         )
-
-    def resolve(self, request: Request) -> Resolution | Deferred[Resolution]:
-        """
-        Route, look up and authorise C{request}.  Returns the resolution, or
-        a Deferred of it when the request waits for its sandbox to become
-        ready; raises (or fails with) an L{IngressError}.
-        """
-        return self.resolve_route(request, self.parse_route(request))
 
     def resolve_route(
         self, request: Request, route: Route
     ) -> Resolution | Deferred[Resolution]:
-        """L{resolve} for an already parsed route."""
-        record = self._core.registry.lookup(route.sandbox_id)
-        route = route.for_sandbox(record.secure_access_token is not None)
-        check_access(
-            record.secure_access_token,
-            request.requestHeaders.getRawHeaders(SECURE_ACCESS_HEADER),
-            self._keys,
-            route.sandbox_id,
-            route.port,
-            route.signed,
-            self._clock(),
+        """
+        Look up and authorise C{request} for C{route}.  Returns the
+        resolution, or a Deferred of it when the request waits for its
+        sandbox to become ready; raises (or fails with) an L{IngressError}.
+        """
+        route, record = self.decider.admit(
+            route, request.requestHeaders.getRawHeaders(SECURE_ACCESS_HEADER)
         )
-        if record.ready and record.endpoint:
+        if ready(record):
+            assert record.endpoint is not None
             return Resolution(route, record, record.endpoint)
-        if not self._ready_wait:
-            record.require_ready()
-        return self._wait_ready(request, route, record)
-
-    def _wait_ready(
-        self, request: Request, route: Route, record: SandboxRecord
-    ) -> Deferred[Resolution]:
-        reactor = self._core.reactor
-        waiting = self._core.registry.wait_until_ready(route.sandbox_id)
-        timed_out = []
-
-        def on_timeout() -> None:
-            timed_out.append(True)
-            waiting.cancel()
-
-        timer = reactor.callLater(self._ready_wait, on_timeout)
+        waiting = self.decider.hold(route, record)
         request.notifyFinish().addErrback(lambda _: waiting.cancel())
 
-        def ready(new: SandboxRecord) -> Resolution:
-            if timer.active():
-                timer.cancel()
+        def held(new: SandboxRecord) -> Resolution:
             assert new.endpoint is not None
             return Resolution(route, new, new.endpoint)
 
-        def not_ready(failure: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            if failure.check(CancelledError) and timed_out:
-                reason = record.not_ready_reason or "no endpoint"
-                return Failure(
-                    SandboxNotReady(
-                        f"sandbox {record.name} is not ready: {reason}",
-                        retry_after=max(1, int(self._ready_wait)),
-                    )
-                )
-            return failure
-
-        return waiting.addCallbacks(ready, not_ready)
+        return waiting.addCallback(held)
 
     # -- request entry --------------------------------------------------------
 
     def handle(self, request: Request) -> None:
         """Serve one proxied request (the resource's C{render})."""
-        started = time.monotonic()
-        if self._core.draining and request.channel is not None:
+        started = self.core.reactor.seconds()
+        if self.core.draining and request.channel is not None:
             # Serve it, but make it the connection's last request.
             request.channel.persistent = False
         route = None
@@ -311,13 +223,11 @@ class Proxy:
 
     def _dispatch(self, request: Request, resolution: Resolution, started: float) -> None:
         route = resolution.route
-        self._core.renew.offer(
-            route.sandbox_id, route.port, route.path.decode("latin-1") if self._uri_mode else ""
-        )
+        self.core.renew.offer(route.sandbox_id, route.port, self.decider.renew_uri(route))
         if self.websocket_handler is not None and is_websocket_upgrade(request):
             self.websocket_handler(request, resolution)
             return
-        _Exchange(self._core, request, resolution, started, self._idle).start()
+        _Exchange(self, request, resolution, started, self._idle).start()
 
     def _fail(
         self,
@@ -327,7 +237,7 @@ class Proxy:
         route: Route | None,
     ) -> None:
         render_error(request, error)
-        self._core.access_log.request(
+        self.core.access_log.request(
             request.method,
             route.sandbox_id if route else "-",
             route.port if route else 0,
@@ -338,54 +248,29 @@ class Proxy:
         )
 
 
-def forward_request_headers(request: Request, endpoint: str, route: Route) -> Headers:
+def forward_request_headers(
+    request: Request, endpoint: str, route: Route, options: ForwardOptions = DEFAULT_OPTIONS
+) -> Headers:
     """
-    The headers the backend receives: the client's, less hop-by-hop,
-    routing and secure-access headers, with C{Host} set to the backend and
-    the C{X-Forwarded-*} family added.
+    The headers the backend receives for a C{twisted.web} request: the
+    rules of L{forward_request_fields} over the request's header list.
     """
     src = request.requestHeaders
-    strip = _STRIP_REQUEST
-    listed = _connection_tokens(src)
-    if listed:
-        strip = strip | listed
-    out = Headers()
-    for name, values in src.getAllRawHeaders():
-        if name.lower() not in strip:
-            out.setRawHeaders(name, values)
-    if ":" in endpoint:
-        out.setRawHeaders(b"Host", [b"[%s]:%d" % (endpoint.encode("ascii"), route.port)])
-    else:
-        out.setRawHeaders(b"Host", [b"%s:%d" % (endpoint.encode("idna"), route.port)])
-    ip = client_ip(request).encode("ascii", "replace")
-    # An empty incoming value adds nothing (not ", client").
-    prior = [v for v in src.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
-    out.setRawHeaders(
-        b"X-Forwarded-For", [b", ".join(prior) + b", " + ip if prior else ip]
+    host = src.getRawHeaders(b"host")
+    fields = forward_request_fields(
+        [(name, value) for name, values in src.getAllRawHeaders() for value in values],
+        connection_tokens(src.getRawHeaders(b"connection")),
+        host[0] if host else None,
+        client_ip(request).encode("ascii", "replace"),
+        request.isSecure(),
+        backend_authority(endpoint, route.port),
+        route.prefix,
+        options,
     )
-    # A client's own X-Forwarded-Proto/-Host is kept, unless it named the
-    # header in Connection (so it was dropped above): then the ingress's.
-    if not src.hasHeader(b"x-forwarded-proto") or b"x-forwarded-proto" in listed:
-        out.setRawHeaders(
-            b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"]
-        )
-    if not src.hasHeader(b"x-forwarded-host") or b"x-forwarded-host" in listed:
-        host = src.getRawHeaders(b"host")
-        if host:
-            out.setRawHeaders(b"X-Forwarded-Host", host[:1])
-    if route.prefix:
-        out.setRawHeaders(b"X-Forwarded-Prefix", [route.prefix])
+    out = Headers()
+    for name, value in fields:
+        out.addRawHeader(name, value)
     return out
-
-
-def rebase_location(location: bytes, prefix: bytes) -> bytes:
-    """
-    URI mode: put a root-relative redirect (C{/x}) under the route's prefix;
-    absolute and protocol-relative (C{//host/x}) locations stay as they are.
-    """
-    if location[:1] == b"/" and location[:2] != b"//":
-        return prefix + location
-    return location
 
 
 _RESPONSE_DONE = Failure(ResponseDone())
@@ -420,6 +305,7 @@ class _Exchange:
     """
 
     __slots__ = (
+        "_proxy",
         "_core",
         "_request",
         "_res",
@@ -436,13 +322,14 @@ class _Exchange:
 
     def __init__(
         self,
-        core: IngressCore,
+        proxy: Proxy,
         request: Request,
         resolution: Resolution,
         started: float,
         idle: float | None,
     ) -> None:
-        self._core = core
+        self._proxy = proxy
+        self._core = proxy.core
         self._request = request
         self._res = resolution
         self._started = started
@@ -471,13 +358,13 @@ class _Exchange:
                 if content.tell():
                     content.seek(0)
                     body = FileBodyProducer(content)
-        headers = forward_request_headers(request, res.endpoint, route)
+        headers = forward_request_headers(request, res.endpoint, route, self._proxy.options)
         if self._idle:
             self._timer = self._core.reactor.callLater(self._idle, self._idle_timeout)
         self._core.request_started()
         request.notifyFinish().addBoth(self._client_finished)
         key = (res.record.generation or res.record.name, res.endpoint, route.port)
-        d = self._core.upstream.request(key, request.method, route.path, headers, body)
+        d = self._proxy.upstream.request(key, request.method, route.path, headers, body)
         self._pending = d
         d.addCallbacks(self._response, self._request_failed)
 
@@ -537,21 +424,9 @@ class _Exchange:
             # The rest of the body will not come: this is the connection's
             # last response, and RFC 9110 (15.5.9) asks to say so.
             self._request.setHeader(b"Connection", b"close")
-        elif (invalid := _invalid(failure)) is not None:
-            # The framing layer refused the response head: nothing of it
-            # reaches the client.
-            error = UpstreamInvalidResponse(
-                f"upstream {target} sent an invalid response: {invalid}"
-            )
-            self._core.metrics.upstream_error("invalid")
-        elif self._timed_out or failure.check(ierror.TimeoutError):
-            error = UpstreamTimeout(f"upstream {target} timed out")
-            self._core.metrics.upstream_error("timeout")
         else:
-            self._core.metrics.upstream_error("connect")
-            error = UpstreamUnreachable(
-                f"upstream {target} unreachable: {_describe(failure)}"
-            )
+            error, label = upstream_failure(target, failure, self._timed_out)
+            self._core.metrics.upstream_error(label)
         render_error(self._request, error)
         self._finished()
 
@@ -568,21 +443,20 @@ class _Exchange:
         # must show exactly what the backend sent.
         out.removeHeader(b"server")
         request.defaultContentType = None
-        strip = _STRIP_RESPONSE
-        listed = _tokens(getattr(response, "connection_header", None))
-        if listed:
-            strip = strip | listed
-        prefix = self._res.route.prefix
         head = request.method == b"HEAD"
-        for name, values in response.headers.getAllRawHeaders():
-            lowered = name.lower()
-            if lowered in strip and not (head and lowered == b"content-length"):
-                # (HEAD's Content-Length is the length a GET would have.)
-                continue
-            if prefix and lowered == b"location":
-                values = [rebase_location(v, prefix) for v in values]
-            out.setRawHeaders(name, values)
-        if request.method == b"HEAD":
+        for name, value in response_fields(
+            [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values],
+            connection_tokens(getattr(response, "connection_header", None)),
+            self._res.route.prefix,
+            None,
+        ):
+            out.addRawHeader(name, value)
+        if head:
+            # HEAD's Content-Length is the length a GET would have.
+            length = response.headers.getRawHeaders(b"content-length")
+            if length:
+                out.setRawHeaders(b"Content-Length", length)
+        if head:
             pass
         elif response.length is not UNKNOWN_LENGTH and response.code not in _NO_BODY_STATUSES and response.code >= 200:
             out.setRawHeaders(b"Content-Length", [b"%d" % response.length])
@@ -617,7 +491,7 @@ class _Exchange:
         else:
             # The backend stopped mid-response: cut the client's connection
             # so it sees a truncated response rather than a clean end.
-            self._core.metrics.upstream_error("timeout" if self._timed_out else "reset")
+            self._core.metrics.upstream_error(broken_response_label(self._timed_out))
             self._abort_client()
         self._finished()
 
@@ -666,30 +540,3 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-def _invalid(failure: Failure) -> str | None:
-    """The framing layer's reason when C{failure} is a refused response."""
-    if failure.check(ResponseFailed):
-        for reason in failure.value.reasons:
-            found = _invalid(reason)
-            if found is not None:
-                return found
-    if failure.check(InvalidUpstreamResponse):
-        return str(failure.value)
-    return None
-
-
-def _describe(failure: Failure) -> str:
-    if failure.check(ResponseFailed):
-        reasons = failure.value.reasons
-        if reasons:
-            return _describe(reasons[0])
-    if failure.check(ierror.ConnectionRefusedError):
-        return "connection refused"
-    if failure.check(ierror.DNSLookupError):
-        return "name does not resolve"
-    if failure.check(CancelledError):
-        return "cancelled"
-    message = failure.getErrorMessage()
-    return message.splitlines()[0] if message else type(failure.value).__name__

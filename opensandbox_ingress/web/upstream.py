@@ -15,16 +15,10 @@ measurable share of the hot path.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.python.failure import Failure
@@ -34,6 +28,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
 from ..framing import EndOfMessage, FramingError, ResponseParser, response_parser
+from .forwarding import InvalidUpstreamResponse
+from .pool import BackendPool, client_endpoint
 
 #: How many recently dropped generations are remembered, so that a request
 #: still in flight when its sandbox changed does not return its connection
@@ -49,10 +45,6 @@ POOLED_IDLE_S = 60.0
 PoolKey = tuple[str, str, int]
 
 _CONNECTION_DONE = Failure(ConnectionDone())
-
-
-class InvalidUpstreamResponse(Exception):
-    """The framing layer refused the backend's response (its reason)."""
 
 
 class _IngressClientProtocol(HTTP11ClientProtocol):
@@ -144,11 +136,13 @@ class SandboxConnectionPool(HTTPConnectionPool):
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor, persistent=True)
         self._keys_by_generation: dict[str, set[PoolKey]] = {}
-        self._dead: OrderedDict[str, None] = OrderedDict()
+        #: Generations never pooled again (L{drop_generation}); shared with
+        #: the fast path's L{BackendPool}.
+        self.retired: OrderedDict[str, None] = OrderedDict()
 
     def _putConnection(self, key: PoolKey, connection: Any) -> None:
         generation = key[0]
-        if generation in self._dead:
+        if generation in self.retired:
             connection.transport.loseConnection()
             return
         self._keys_by_generation.setdefault(generation, set()).add(key)
@@ -159,9 +153,9 @@ class SandboxConnectionPool(HTTPConnectionPool):
         Close the idle connections of C{generation} and never pool its
         connections again.
         """
-        self._dead[generation] = None
-        if len(self._dead) > _DEAD_GENERATIONS:
-            self._dead.popitem(last=False)
+        self.retired[generation] = None
+        if len(self.retired) > _DEAD_GENERATIONS:
+            self.retired.popitem(last=False)
         for key in self._keys_by_generation.pop(generation, ()):
             for connection in self._connections.pop(key, []):
                 timeout = self._timeouts.pop(connection, None)
@@ -186,10 +180,9 @@ class UpstreamClient:
         self.pool = SandboxConnectionPool(reactor)
         # The fast path's pool (imported here: fast imports proxy, which
         # this module must not depend on at import time).
-        from .fast import FastPool
 
         #: The fast path's connections; retired generations are shared.
-        self.fast = FastPool(reactor, connect_timeout_s, self.pool._dead)
+        self.fast = BackendPool(reactor, connect_timeout_s, self.pool.retired)
         self._agent = Agent(reactor, pool=self.pool)
         self._targets: dict[PoolKey, tuple[IStreamClientEndpoint, URI]] = {}
         self._target_keys: dict[str, list[PoolKey]] = {}
@@ -198,20 +191,11 @@ class UpstreamClient:
         target = self._targets.get(key)
         if target is None:
             _generation, host, port = key
-            endpoint: IStreamClientEndpoint
-            try:
-                version = ipaddress.ip_address(host).version
-            except ValueError:
-                endpoint = HostnameEndpoint(
-                    self._reactor, host, port, timeout=self._connect_timeout
-                )
-                netloc = host.encode("idna")
+            endpoint = client_endpoint(self._reactor, host, port, self._connect_timeout)
+            if ":" in host:
+                netloc = b"[" + host.encode("ascii") + b"]"
             else:
-                cls = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
-                endpoint = cls(self._reactor, host, port, timeout=self._connect_timeout)
-                netloc = host.encode("ascii")
-                if version == 6:
-                    netloc = b"[" + netloc + b"]"
+                netloc = host.encode("idna")
             uri = URI(
                 scheme=b"http",
                 netloc=b"%s:%d" % (netloc, port),

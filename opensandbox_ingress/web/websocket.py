@@ -45,7 +45,6 @@ and the other way round.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -57,13 +56,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectingRequest
-from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,7 +74,9 @@ from ..errors import (
     WebSocketUpstreamUnreachable,
 )
 from .errors import render_error
-from .proxy import HOP_BY_HOP, POWERED_BY, Resolution, client_ip, forward_request_headers
+from .forwarding import HOP_BY_HOP, POWERED_BY, describe_failure
+from .pool import client_endpoint
+from .proxy import Resolution, client_ip, forward_request_headers
 
 if TYPE_CHECKING:
     from ..registry import SandboxRecord
@@ -285,17 +280,6 @@ def _resource(path: bytes) -> str:
         return path.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in path)
-
-
-def _describe(failure: Failure) -> str:
-    if failure.check(ierror.ConnectionRefusedError):
-        return "connection refused"
-    if failure.check(ierror.TimeoutError):
-        return "connect timed out"
-    if failure.check(ierror.DNSLookupError):
-        return "name does not resolve"
-    message = failure.getErrorMessage()
-    return message.splitlines()[0] if message else type(failure.value).__name__
 
 
 # -- backpressure ------------------------------------------------------------------
@@ -842,7 +826,7 @@ class _Session:
             return
         self.refuse(
             WebSocketUpstreamUnreachable(
-                f"upstream {self._target()} unreachable: {_describe(failure)}"
+                f"upstream {self._target()} unreachable: {describe_failure(failure)}"
             )
         )
 
@@ -1192,12 +1176,7 @@ class WebSocketRelay:
 
     def endpoint_for(self, host: str, port: int) -> Any:
         """A client endpoint (C{IStreamClientEndpoint}) for the backend."""
-        try:
-            version = ipaddress.ip_address(host).version
-        except ValueError:
-            return HostnameEndpoint(self.reactor, host, port, timeout=self._connect_timeout)
-        cls = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
-        return cls(self.reactor, host, port, timeout=self._connect_timeout)
+        return client_endpoint(self.reactor, host, port, self._connect_timeout)
 
     @property
     def active_sessions(self) -> int:
