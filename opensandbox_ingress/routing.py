@@ -28,10 +28,12 @@ LEGACY_INGRESS_HEADER = b"OPEN-SANDBOX-INGRESS"
 _MAX_PORT_DIGITS = 5
 
 
-@dataclass(frozen=True, **DATACLASS_SLOTS)
+@dataclass(**DATACLASS_SLOTS)
 class Route:
     """
-    A parsed route.
+    A parsed route.  Never changed once made (not a frozen dataclass only
+    because a frozen one's constructor costs several times a plain one's,
+    and one is made per request).
 
     @ivar sandbox_id: The sandbox id as written in the route.
     @ivar port: The sandbox port, 1..65535.
@@ -166,7 +168,23 @@ def parse_header_route(
     uri: bytes,
 ) -> Route:
     """Header mode: route by the routing headers or Host; path unchanged."""
-    return parse_token(routing_token(ingress_to, legacy, host), origin_form(uri))
+    key = (ingress_to, legacy, host)
+    parsed = _parsed_tokens.get(key)
+    if parsed is None:
+        # Raises RouteInvalid, which is not kept: only good tokens are.
+        parsed = parse_token(routing_token(ingress_to, legacy, host), b"")
+        if len(_parsed_tokens) >= _PARSED_TOKENS_LIMIT:
+            _parsed_tokens.clear()
+        _parsed_tokens[key] = parsed
+    return Route(parsed.sandbox_id, parsed.port, origin_form(uri), parsed.signed)
+
+
+#: (routing header, legacy header, Host) -> the token's route (empty path):
+#: a client sends the same token with every request, and parsing it is a
+#: large part of a small request's cost.  Emptied when full, so a client
+#: that sends a new token each time only gets today's cost.
+_parsed_tokens: dict[tuple[bytes | None, bytes | None, bytes | None], Route] = {}
+_PARSED_TOKENS_LIMIT = 4096
 
 
 def parse_uri_route(uri: bytes) -> Route:

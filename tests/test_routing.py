@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from opensandbox_ingress import routing
 from opensandbox_ingress.errors import RouteInvalid
 from opensandbox_ingress.routing import (
     Route,
@@ -426,3 +427,25 @@ def test_signed_uri_round_trip(sandbox_id: str, port: int, expires: int, secret:
         b"/x?y",
     )
     assert route.for_sandbox(False).path == tail + b"/x?y"
+
+
+def test_header_routes_from_a_remembered_token_keep_their_own_path() -> None:
+    """The token's parse is remembered; each request still gets its own path."""
+    first = parse_header_route(b"sb-8080", None, None, b"/a?x=1")
+    second = parse_header_route(b"sb-8080", None, None, b"http://h/b")
+    assert (first.sandbox_id, first.port, first.path) == ("sb", 8080, b"/a?x=1")
+    assert (second.sandbox_id, second.port, second.path) == ("sb", 8080, b"/b")
+    # The same token by another header is another key, with the same answer.
+    assert parse_header_route(None, b"sb-8080", b"other-1", b"/").port == 8080
+    assert parse_header_route(None, None, b"sb-9090.example.com", b"/").port == 9090
+
+
+def test_bad_tokens_are_refused_every_time_and_the_memory_stays_bounded() -> None:
+    for _ in range(2):
+        with pytest.raises(RouteInvalid):
+            parse_header_route(b"sb-0", None, None, b"/")
+    for n in range(routing._PARSED_TOKENS_LIMIT + 10):
+        assert parse_header_route(b"sb-%d" % (n % 65535 + 1), None, None, b"/").sandbox_id == "sb"
+    assert len(routing._parsed_tokens) <= routing._PARSED_TOKENS_LIMIT
+    # What was forgotten parses again, the same.
+    assert parse_header_route(b"sb-1", None, None, b"/p").path == b"/p"
