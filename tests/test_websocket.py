@@ -238,8 +238,10 @@ async def test_handshake_forwards_headers_and_returns_backend_choice(
         assert _values(headers, "X-Backend") == ["ws"]
         assert _values(headers, "Reverse-Proxy-Server-PowerBy") == ["OpenSandbox-ingress"]
         assert _values(headers, "Server") == []
-        # No compression on either hop: frames pass as they are.
-        assert _values(headers, "Sec-WebSocket-Extensions") == []
+        # Compression on the client hop only, without context takeover.
+        assert _values(headers, "Sec-WebSocket-Extensions") == [
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ]
 
         lines = ws_backend.header_lines()
         assert ws_backend.request_line() == "GET /chat/room?x=1&y=%20 HTTP/1.1"

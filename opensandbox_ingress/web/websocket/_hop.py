@@ -6,12 +6,12 @@ kept between data frames, and ordered failure.  Reactor thread only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
-    WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
@@ -45,14 +45,18 @@ OPCODE_PING, OPCODE_PONG = 0x9, 0xA
 class Throttle:
     """
     Registered as the producer of one hop's transport; pauses and resumes
-    reading on the other hop's transport.  C{stopProducing} does nothing:
-    closing is the relay's business (close frames), not the transport's.
+    reading on the other hop's transport (and, on resume, calls
+    C{on_resume}: the client hop may hold compressed input that it stopped
+    inflating while this transport was full).  C{stopProducing} does
+    nothing: closing is the relay's business (close frames), not the
+    transport's.
     """
 
-    __slots__ = ("_source", "pauses", "paused")
+    __slots__ = ("_source", "_on_resume", "pauses", "paused")
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, on_resume: Callable[[], None] | None = None) -> None:
         self._source = source
+        self._on_resume = on_resume
         self.pauses = 0
         #: True while the transport this is registered on has a full send
         #: buffer, that is while its peer is not reading.
@@ -66,6 +70,8 @@ class Throttle:
     def resumeProducing(self) -> None:
         self.paused = False
         self._source.resumeProducing()
+        if self._on_resume is not None:
+            self._on_resume()
 
     def stopProducing(self) -> None:
         pass
@@ -123,6 +129,10 @@ class Hop:
     #: other peer has closed (L{_fail_connection}).
     failing: tuple[int, str] | None = None
     _fail_grace: Any = None  # IDelayedCall
+    #: Payload bytes of the message arriving from this hop's peer so far
+    #: (inflated ones for a compressed message), against the relay's
+    #: C{max_message_bytes}.
+    message_size = 0
 
     # A message that is one frame (FIN set on its first frame) of at most
     # COLLECT_LIMIT bytes is collected and sent on as one final frame, as
@@ -134,9 +144,37 @@ class Hop:
     def onMessageBegin(self, isBinary: bool) -> None:
         self.message_binary = isBinary
         self.streaming = False
+        self.message_size = 0
+
+    def message_too_big(self, more: int) -> bool:
+        """
+        Count C{more} payload bytes of the current message; past the
+        relay's C{max_message_bytes}, fail this hop's peer with 1009 and
+        say so.
+        """
+        self.message_size += more
+        limit = self.session.relay.max_message_bytes
+        if not limit or self.message_size <= limit:
+            return False
+        self._max_message_size_exceeded(  # type: ignore[attr-defined]
+            self.message_size, limit, f"message larger than {limit} bytes"
+        )
+        return True
+
+    def onFrameData(self, payload: bytes) -> bool | None:
+        if self.failing is not None:
+            # Failed at the frame's start (a message too big): Autobahn's
+            # processing loop goes on with the frame's payload; stop it.
+            return False
+        return super().onFrameData(payload)  # type: ignore[misc,no-any-return]
+
+    def resume_reading(self) -> None:
+        """This hop's partner reads again (the client hop may have input to finish)."""
 
     def onMessageFrameBegin(self, length: int) -> None:
         self.session.frame_relayed(self.upstream_bound)
+        if self.message_too_big(length):
+            return
         if (
             not self.streaming
             and length <= COLLECT_LIMIT
@@ -352,6 +390,8 @@ class Hop:
         # Overrides Autobahn's private WebSocketProtocol._fail_connection,
         # the one place every violation path (_protocol_violation,
         # _invalid_payload, _max_message_size_exceeded) goes through.
+        if self.failing is not None:
+            return  # one violation is enough (inflating may report two)
         partner = self.partner
         if (
             self.failing is None
@@ -421,19 +461,6 @@ class Hop:
             if call is not None and call.active():
                 call.cancel()
         super().connectionLost(reason)  # type: ignore[misc]
-
-
-class ClientHop(Hop, WebSocketServerProtocol):  # type: ignore[misc]
-    """The server protocol facing the client, created at the take-over."""
-
-    upstream_bound = True
-
-    def onConnect(self, request: Any) -> Any:
-        # Accept with what the backend chose (its 101 is already in).
-        return self.session.subprotocol, self.session.response_headers
-
-    def onOpen(self) -> None:
-        self.session.client_open()
 
 
 class BackendHop(Hop, WebSocketClientProtocol):  # type: ignore[misc]

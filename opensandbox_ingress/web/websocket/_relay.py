@@ -21,8 +21,9 @@ from twisted.web.server import Request
 
 from ...errors import IngressError, SandboxNotFound, ShuttingDown, WebSocketUpstreamUnreachable
 from ..proxy import Resolution
+from ._client_hop import ClientHop
 from ._handshake import check_client_handshake, session_end_reason
-from ._hop import CLOSE_HANDSHAKE_TIMEOUT_S, GOING_AWAY, ClientHop
+from ._hop import CLOSE_HANDSHAKE_TIMEOUT_S, GOING_AWAY
 from ._session import Session
 
 if TYPE_CHECKING:
@@ -72,6 +73,10 @@ class WebSocketRelay:
             "autoPingTimeout": 0,
         }
         self.client_options = dict(common)
+        #: Whether the client hop negotiates permessage-deflate.
+        self.compression = config.websocket_compression
+        #: Bytes a message may carry on either hop (inflated); 0 = no limit.
+        self.max_message_bytes = config.websocket_max_message_bytes
         #: Seconds a hop may leave a keep-alive ping unanswered (the idle
         #: timeout); 0 (no pings, or no idle timeout) never drops.
         self.pong_timeout = config.idle_timeout_s if ping else 0.0

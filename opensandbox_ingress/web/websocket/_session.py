@@ -23,6 +23,7 @@ from ...errors import (
 )
 from ..errors import render_error
 from ..proxy import POWERED_BY, Resolution, client_ip, forward_request_headers
+from ._client_hop import ClientHop
 from ._handshake import (
     REFUSAL_HEADERS,
     backend_header_lines,
@@ -30,7 +31,7 @@ from ._handshake import (
     returned_headers,
     subprotocol_offers,
 )
-from ._hop import BackendFactory, BackendHop, ClientHop, HeaderLines, Hop, Throttle
+from ._hop import BackendFactory, BackendHop, HeaderLines, Hop, Throttle
 
 if TYPE_CHECKING:
     from ._relay import WebSocketRelay
@@ -263,7 +264,7 @@ class Session:
         client_transport: Any = client.transport
         backend_transport: Any = backend.transport
         down = Throttle(backend_transport)
-        up = Throttle(client_transport)
+        up = Throttle(client_transport, client.resume_reading)
         client_transport.registerProducer(down, True)
         backend_transport.registerProducer(up, True)
         client.write_throttle = down
@@ -360,6 +361,7 @@ class Session:
             # The gone hop's transport will never ask to resume the other
             # one, which must read its peer's close reply.
             other.transport.resumeProducing()
+            other.resume_reading()
         if self.client_closed and self.backend_closed:
             self._finish()
 
@@ -422,6 +424,11 @@ def take_over(request: Request, protocol: ClientHop) -> None:
     offers = subprotocol_offers(headers)
     if offers:
         head.append(b"Sec-WebSocket-Protocol: " + ", ".join(offers).encode("latin-1"))
+    extensions = headers.getRawHeaders(b"sec-websocket-extensions")
+    if extensions and protocol.session.relay.compression:
+        # Negotiated by the hop itself (ClientHop.onConnect), never with
+        # the backend.
+        head.append(b"Sec-WebSocket-Extensions: " + b", ".join(extensions))
     # Bytes the client sent after its handshake sit in the channel's buffer
     # (HTTPChannel._dataBuffer, filled while a request is being handled).
     buffered = b"".join(getattr(channel, "_dataBuffer", None) or [])
