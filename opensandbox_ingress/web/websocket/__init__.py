@@ -47,7 +47,6 @@ from ...errors import WebSocketHandshakeInvalid, WebSocketUpstreamRefused
 from ._handshake import (
     backend_header_lines,
     check_client_handshake,
-    parse_response_head,
     returned_headers,
     session_end_reason,
     subprotocol_offers,
@@ -67,7 +66,6 @@ __all__ = [
     "WebSocketUpstreamRefused",
     "backend_header_lines",
     "check_client_handshake",
-    "parse_response_head",
     "returned_headers",
     "session_end_reason",
     "subprotocol_offers",

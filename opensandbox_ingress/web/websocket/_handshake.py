@@ -99,27 +99,6 @@ def backend_header_lines(forwarded: Headers) -> list[tuple[str, str]]:
     ]
 
 
-def parse_response_head(head: bytes) -> tuple[int, str, list[tuple[bytes, bytes]]]:
-    """
-    Status code, reason and header lines (in order, repeated names kept) of
-    an HTTP response head.  Autobahn parses the same bytes into a dict that
-    comma-joins repeated headers, which breaks C{Set-Cookie}.
-    """
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(None, 2)
-    try:
-        status = int(parts[1])
-    except (IndexError, ValueError):
-        status = 0
-    reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if sep and name.strip():
-            headers.append((name.strip(), value.strip()))
-    return status, reason, headers
-
-
 def returned_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
     """
     The backend's handshake-response headers the client's 101 carries

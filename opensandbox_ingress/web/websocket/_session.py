@@ -17,17 +17,18 @@ from twisted.web.server import Request
 from ...errors import (
     IngressError,
     ShuttingDown,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     WebSocketUpstreamRefused,
     WebSocketUpstreamUnreachable,
 )
+from ...framing import FramingError, parse_upgrade_response
 from ..errors import render_error
 from ..proxy import POWERED_BY, Resolution, client_ip, forward_request_headers
 from ._client_hop import ClientHop
 from ._handshake import (
     REFUSAL_HEADERS,
     backend_header_lines,
-    parse_response_head,
     returned_headers,
     subprotocol_offers,
 )
@@ -203,15 +204,23 @@ class Session:
         head = getattr(hop, "http_response_data", None)
         error: IngressError
         if head is not None:
-            status, reason, headers = parse_response_head(head)
-            if status != 101:
-                kept = tuple(
-                    (name, value) for name, value in headers if name.lower() in REFUSAL_HEADERS
+            parsed = parse_upgrade_response(head)
+            if isinstance(parsed, FramingError):
+                error = UpstreamInvalidResponse(
+                    f"upstream {self._target()} sent an invalid handshake response: "
+                    f"{parsed.reason}"
                 )
+            elif parsed.status != 101:
+                kept = tuple(
+                    (name, value)
+                    for name, value in parsed.headers
+                    if name.lower() in REFUSAL_HEADERS
+                )
+                reason = parsed.reason.decode("latin-1")
                 error = WebSocketUpstreamRefused(
                     f"upstream {self._target()} refused the WebSocket handshake: "
-                    f"{status} {reason}".rstrip(),
-                    status,
+                    f"{parsed.status} {reason}".rstrip(),
+                    parsed.status,
                     kept,
                 )
             else:
@@ -236,9 +245,18 @@ class Session:
         if self.state != _DIALING or request is None or request.channel is None:
             hop.dropConnection(abort=True)
             return
-        _status, _reason, headers = parse_response_head(hop.http_response_data)
+        parsed = parse_upgrade_response(hop.http_response_data)
+        if isinstance(parsed, FramingError):
+            hop.dropConnection(abort=True)
+            self.refuse(
+                UpstreamInvalidResponse(
+                    f"upstream {self._target()} sent an invalid handshake response: "
+                    f"{parsed.reason}"
+                )
+            )
+            return
         self.subprotocol = hop.websocket_protocol_in_use
-        self.response_headers = returned_headers(headers)
+        self.response_headers = returned_headers(parsed.headers)
         name, values = POWERED_BY
         self.response_headers[name.decode("ascii")] = [v.decode("ascii") for v in values]
         self.state = _ACCEPTING
