@@ -129,6 +129,12 @@ class Hop:
     #: other peer has closed (L{_fail_connection}).
     failing: tuple[int, str] | None = None
     _fail_grace: Any = None  # IDelayedCall
+    #: The answer to this hop's peer's close, waiting for the frame being
+    #: relayed to that peer to end (code, reason), and whether the
+    #: connection is dropped after it (Autobahn's server does).
+    held_reply: tuple[int | None, bytes | None] | None = None
+    drop_after_reply = False
+    _answering_close = False
     #: Payload bytes of the message arriving from this hop's peer so far
     #: (inflated ones for a compressed message), against the relay's
     #: C{max_message_bytes}.
@@ -226,6 +232,10 @@ class Hop:
 
     def _flush_peer_close(self) -> None:
         peer = self.partner
+        if peer is not None and peer.held_reply is not None and not peer.frame_half_written():
+            # The frame (and, when its sender did not fragment, the message)
+            # relayed to this peer is complete: answer its close now.
+            peer.release_reply()
         if peer is not None and peer.pending_close is not None:
             # The frame this peer was being sent is complete: the close
             # that waited for it can go now.
@@ -343,8 +353,15 @@ class Hop:
         # Autobahn validates the code and reason and answers the close
         # (echoing it: echoCloseCodeReason); then the same close goes on to
         # the other peer.  A close that answers one we sent is not relayed.
+        # Its answer is written at once, which would land inside a frame
+        # being relayed to this peer: it waits for the frame's end
+        # (sendCloseFrame, dropConnection), as pings and pongs do.
         state = self.state  # type: ignore[attr-defined]
-        stop = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        self._answering_close = True
+        try:
+            stop = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        finally:
+            self._answering_close = False
         if not stop and state == self.STATE_OPEN:  # type: ignore[attr-defined]
             self.session.close_received(self, code, reasonRaw)
         return stop  # type: ignore[no-any-return]
@@ -442,7 +459,27 @@ class Hop:
         self.wasNotCleanReason = f"peer violated the protocol: {reason}"
         self.dropConnection(abort=False)
 
+    def sendCloseFrame(
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        if self._answering_close and isReply and self.frame_half_written():
+            self.held_reply = (code, reasonUtf8)
+            return
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)  # type: ignore[misc]
+
+    def release_reply(self) -> None:
+        """Send the held answer to this hop's peer's close (and drop, if due)."""
+        (code, reason), self.held_reply = self.held_reply or (None, None), None
+        self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=True)
+        if self.drop_after_reply:
+            self.dropConnection(abort=False)
+
     def dropConnection(self, abort: bool = False) -> None:
+        if self._answering_close and self.held_reply is not None and not abort:
+            # Autobahn's server drops the connection after its answer; the
+            # answer waits for the frame, so does the drop.
+            self.drop_after_reply = True
+            return
         # A clean drop (loseConnection) waits for the send buffer to empty,
         # which a peer that stopped reading postpones forever: abort after
         # the close-handshake timeout.
