@@ -25,7 +25,7 @@ process, C{bench/ws_peer.py}) to --load-cpus (default the last CPU).  Then:
   is measured (and the table says so).
 
 Each memory figure comes from a fresh ingress process.  Bounded in time
-(--timeout, default 240 s); stops everything it started.
+(--timeout, default 480 s); stops everything it started.
 """
 
 from __future__ import annotations
@@ -451,7 +451,7 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="interpreter for the ingress")
     parser.add_argument("--ingress-cpus", default="0", help="taskset CPU list for the ingress ('' = unpinned)")
     parser.add_argument("--load-cpus", default=LOAD_CPUS, help="taskset CPU list for backend and load")
-    parser.add_argument("--timeout", type=int, default=240, help="overall bound in seconds")
+    parser.add_argument("--timeout", type=int, default=480, help="overall bound in seconds")
     args = parser.parse_args()
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
