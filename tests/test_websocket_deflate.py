@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import threads
+from twisted.internet.testing import StringTransport
 
 from opensandbox_ingress import IngressService
 from opensandbox_ingress.web.websocket import COLLECT_LIMIT
@@ -28,6 +29,7 @@ from opensandbox_ingress.web.websocket._deflate import (
     message_window_bits,
     negotiate,
 )
+from opensandbox_ingress.web.websocket._hop import Throttle
 from tests.helpers import start_ingress, wait_until
 from tests.processes import free_port, rss_kib, stop, twistd, wait_healthy
 from tests.ws_backend import FrameStreamer, WsBackend, connect_client
@@ -141,6 +143,17 @@ def test_deflate_output_inflates_back_per_message() -> None:
         deflate.start_compress_message()
         out = deflate.compress_message_data(payload) + deflate.end_compress_message()
         assert b"".join(_inflate_all([out])) == payload
+
+
+def test_throttle_resumes_the_other_transport_then_calls_back() -> None:
+    """The backend transport's throttle resumes the client's reading, then lets the hop inflate on."""
+    source = StringTransport()
+    calls: list[str] = []
+    throttle = Throttle(source, lambda: calls.append(source.producerState))
+    throttle.pauseProducing()
+    assert (source.producerState, throttle.paused, calls) == ("paused", True, [])
+    throttle.resumeProducing()
+    assert (source.producerState, throttle.paused, calls) == ("producing", False, ["producing"])
 
 
 # -- through a running ingress --------------------------------------------------------
