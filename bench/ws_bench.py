@@ -317,7 +317,7 @@ class Bench:
             stdin=subprocess.PIPE,
         )
         try:
-            result = read_json_line(proc, 30 + count / 100, f"{count} idle sessions")
+            result = read_json_line(proc, 60 + count / 20, f"{count} idle sessions")
             # Settle: RSS read until two reads 100 ms apart agree within 1%
             # (at most 2 s), the sessions being all open already.
             rss = status_field(ingress.pid, "VmRSS")
