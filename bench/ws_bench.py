@@ -18,13 +18,14 @@ process, C{bench/ws_peer.py}) to --load-cpus (default the last CPU).  Then:
   with the ratio and the ingress's CPU share;
 - one 256 MiB message (a single frame, streamed) to a sink, direct and
   through the ingress, with the ingress's peak RSS growth;
-- ingress RSS with 10,000 idle sessions open through it, per-session KiB.
+- ingress RSS with 10,000 idle sessions open through it, per-session KiB,
+  without and with permessage-deflate negotiated on the client hop.
   Each session costs the ingress two descriptors: RLIMIT_NOFILE is raised
   to the hard limit, and when that is too low the largest count that fits
   is measured (and the table says so).
 
 Each memory figure comes from a fresh ingress process.  Bounded in time
-(--timeout, default 240 s); stops everything it started.
+(--timeout, default 480 s); stops everything it started.
 """
 
 from __future__ import annotations
@@ -297,19 +298,26 @@ class Bench:
             "peak": peak, "exact_peak": exact_peak,
         }
 
-    def hold_idle(self, port: int, count: int, ingress: subprocess.Popen[bytes]) -> dict[str, Any]:
-        """Open C{count} idle sessions through the ingress; RSS while they are open."""
+    def hold_idle(
+        self, port: int, count: int, ingress: subprocess.Popen[bytes], deflate: bool = False
+    ) -> dict[str, Any]:
+        """
+        Open C{count} idle sessions through the ingress; RSS while they are
+        open.  With C{deflate}, each negotiates permessage-deflate and
+        echoes one message first.
+        """
+        path, extra = ("/echo", ["--deflate"]) if deflate else ("/idle", [])
         proc = self.procs.start(
             pinned(
                 self.args.load_cpus,
-                [*PEER, "idle", *self.url(port, "/idle"), "--count", str(count),
-                 "--concurrency", str(self.args.concurrency)],
+                [*PEER, "idle", *self.url(port, path), "--count", str(count),
+                 "--concurrency", str(self.args.concurrency), *extra],
             ),
             stdout=subprocess.PIPE,
             stdin=subprocess.PIPE,
         )
         try:
-            result = read_json_line(proc, 30 + count / 100, f"{count} idle sessions")
+            result = read_json_line(proc, 60 + count / 20, f"{count} idle sessions")
             # Settle: RSS read until two reads 100 ms apart agree within 1%
             # (at most 2 s), the sessions being all open already.
             rss = status_field(ingress.pid, "VmRSS")
@@ -329,17 +337,20 @@ class Bench:
         finally:
             self.procs.stop(proc, timeout=5, grace=30)
 
-    def idle(self, hard: int) -> dict[str, Any]:
+    def idle(self, hard: int, deflate: bool = False) -> dict[str, Any]:
         wanted = self.args.idle
         with self.ingress() as (ingress, port):
-            self.hold_idle(port, min(100, wanted), ingress)  # warm-up
+            self.hold_idle(port, min(100, wanted), ingress, deflate)  # warm-up
             baseline = status_field(ingress.pid, "VmRSS")
             # Two descriptors per session (client and backend sockets) on
             # top of what the idle ingress holds, with a little slack.
             fds = len(os.listdir(f"/proc/{ingress.pid}/fd"))
             count = min(wanted, (hard - fds - FD_SLACK) // 2)
-            result = self.hold_idle(port, count, ingress)
-        return {"wanted": wanted, "count": count, "fds": fds, "baseline": baseline, **result}
+            result = self.hold_idle(port, count, ingress, deflate)
+        return {
+            "wanted": wanted, "count": count, "fds": fds, "baseline": baseline,
+            "deflate": deflate, **result,
+        }
 
 
 def report(
@@ -347,7 +358,7 @@ def report(
     limits: tuple[int, int],
     rows: list[dict[str, Any]],
     big: dict[str, Any] | None,
-    idle: dict[str, Any] | None,
+    idles: list[dict[str, Any]],
 ) -> None:
     python = subprocess.run(
         [args.python, "-c", "import sys; print(sys.implementation.name, sys.version.split()[0])"],
@@ -398,13 +409,19 @@ def report(
             if big["exact_peak"]
             else "(peak: VmRSS sampled every 5 ms)"
         )
-    if idle:
-        opened = idle["opened"]
-        print("\nidle sessions through the ingress")
-        print(f"{'sessions':>9}{'RSS before MiB':>16}{'RSS open MiB':>14}{'KiB/session':>13}")
-        per = (idle["rss"] - idle["baseline"]) / opened if opened else float("nan")
+    if idles:
+        print("\nidle sessions through the ingress (deflate: negotiated, one message echoed)")
         print(
-            f"{opened:>9}{idle['baseline'] / 1024:>16.1f}{idle['rss'] / 1024:>14.1f}{per:>13.1f}"
+            f"{'client hop':<12}{'sessions':>9}{'RSS before MiB':>16}{'RSS open MiB':>14}"
+            f"{'KiB/session':>13}"
+        )
+    for idle in idles:
+        opened = idle["opened"]
+        per = (idle["rss"] - idle["baseline"]) / opened if opened else float("nan")
+        label = f"deflate {idle.get('compressed', 0)}" if idle["deflate"] else "plain"
+        print(
+            f"{label:<12}{opened:>9}{idle['baseline'] / 1024:>16.1f}{idle['rss'] / 1024:>14.1f}"
+            f"{per:>13.1f}"
         )
         if idle["count"] < idle["wanted"]:
             print(
@@ -426,11 +443,15 @@ def main() -> None:
     parser.add_argument("--window-large", type=int, default=16, help="64 KiB messages in flight per connection")
     parser.add_argument("--idle", type=int, default=10000, help="idle sessions for the RSS figure (0 = skip)")
     parser.add_argument("--concurrency", type=int, default=32, help="handshakes in flight while opening them")
+    parser.add_argument(
+        "--idle-compression", choices=("off", "on", "both"), default="both",
+        help="idle sessions without and/or with permessage-deflate negotiated",
+    )
     parser.add_argument("--big-mib", type=int, default=256, help="single message size (0 = skip)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the ingress")
     parser.add_argument("--ingress-cpus", default="0", help="taskset CPU list for the ingress ('' = unpinned)")
     parser.add_argument("--load-cpus", default=LOAD_CPUS, help="taskset CPU list for backend and load")
-    parser.add_argument("--timeout", type=int, default=240, help="overall bound in seconds")
+    parser.add_argument("--timeout", type=int, default=480, help="overall bound in seconds")
     args = parser.parse_args()
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -445,7 +466,8 @@ def main() -> None:
     signal.alarm(args.timeout)
     procs = Processes()
     rows: list[dict[str, Any]] = []
-    big = idle = None
+    big = None
+    idles: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory() as name:
             bench = Bench(args, Path(name), procs)
@@ -455,7 +477,10 @@ def main() -> None:
                 if args.big_mib:
                     big = bench.big()
                 if args.idle:
-                    idle = bench.idle(limits[1])
+                    for deflate in {"off": [False], "on": [True], "both": [False, True]}[
+                        args.idle_compression
+                    ]:
+                        idles.append(bench.idle(limits[1], deflate))
             except BaseException:
                 for log in sorted(Path(name).glob("ingress-*.log")):
                     tail: IO[str]
@@ -469,7 +494,7 @@ def main() -> None:
                 procs.stop_all()
     finally:
         procs.stop_all()
-    report(args, limits, rows, big, idle)
+    report(args, limits, rows, big, idles)
 
 
 if __name__ == "__main__":

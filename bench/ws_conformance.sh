@@ -13,7 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WSTEST_DIR=${WSTEST_DIR:-../shared/wstest}
+# Beside the checkout, or beside the worktrees' folder (../../shared).
+if [ -z "${WSTEST_DIR:-}" ]; then
+    WSTEST_DIR=../shared/wstest
+    [ -d "$WSTEST_DIR" ] || WSTEST_DIR=../../shared/wstest
+fi
 ECHO_PORT=${ECHO_PORT:-9001}
 INGRESS_PORT=${INGRESS_PORT:-28931}
 cases=quick
@@ -38,7 +42,7 @@ python3 -c "from twisted.scripts.twistd import run; run()" -n --pidfile= \
     --sandboxes-file "$sandboxes" --mode uri --port "$INGRESS_PORT" \
     --websocket-ping-interval 0 &
 ingress=$!
-trap 'kill $ingress 2>/dev/null || true; "$WSTEST_DIR/echo.sh" stop >/dev/null 2>&1 || true' EXIT
+trap 'kill $ingress 2>/dev/null || true; "$WSTEST_DIR/echo.sh" stop "$ECHO_PORT" >/dev/null 2>&1 || true' EXIT
 for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$INGRESS_PORT/status.ok" >/dev/null 2>&1 && break
     sleep 0.1

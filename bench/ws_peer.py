@@ -16,10 +16,14 @@ The two ends of C{bench/ws_bench.py}, each run as its own process
         is throughput, not latency.  Prints one JSON line: messages echoed
         and payload bytes in the measured window, and its seconds.
 
-    python3 bench/ws_peer.py idle URL --count N [--concurrency K] [--header ...]
+    python3 bench/ws_peer.py idle URL --count N [--concurrency K] [--deflate]
+            [--header ...]
         Opens N sessions, at most K handshakes at a time, stopping at the
-        first failure.  Prints one JSON line (opened, failed, error), holds
-        the sessions until a line (or EOF) arrives on stdin, then drops them.
+        first failure.  With --deflate each offers permessage-deflate as a
+        browser does and, once open, sends one 1 KiB text message to an
+        echo URL and waits for it (so compression has been used).  Prints
+        one JSON line (opened, compressed, failed, error), holds the
+        sessions until a line (or EOF) arrives on stdin, then drops them.
 
     python3 bench/ws_peer.py big URL --size N [--header ...]
         Sends one binary message of N bytes to a sink URL as a single frame,
@@ -46,6 +50,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -165,7 +170,9 @@ def run_backend(_args: argparse.Namespace) -> None:
 # -- load generators -----------------------------------------------------------
 
 
-def _client_factory(url: str, headers: list[str], protocol: Any) -> WebSocketClientFactory:
+def _client_factory(
+    url: str, headers: list[str], protocol: Any, deflate: bool = False
+) -> WebSocketClientFactory:
     parsed = {}
     for line in headers:
         name, _, value = line.partition(":")
@@ -174,6 +181,13 @@ def _client_factory(url: str, headers: list[str], protocol: Any) -> WebSocketCli
     factory.protocol = protocol
     factory.noisy = False
     factory.setProtocolOptions(**OPTIONS)
+    if deflate:
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[
+                PerMessageDeflateOffer(accept_no_context_takeover=False, accept_max_window_bits=True)
+            ],
+            perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response),
+        )
     return factory
 
 
@@ -280,15 +294,30 @@ def run_throughput(args: argparse.Namespace) -> None:
     reactor.run()
 
 
+#: What each compressed idle session sends once: terminal-like text.
+IDLE_MESSAGE = ("\x1b[32muser@sandbox\x1b[0m:~/project$ ls -la\r\n" * 24)[:1024].encode()
+
+
 class _IdleClient(_FastSend, WebSocketClientProtocol):  # type: ignore[misc]
-    pass
+    owner: _Idle
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.owner.echoed += 1
+        self.owner.launch()
 
 
 class _Idle:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.factory = _client_factory(args.url, args.header, _IdleClient)
+        owner = self
+
+        class Client(_IdleClient):
+            pass
+
+        Client.owner = owner
+        self.factory = _client_factory(args.url, args.header, Client, args.deflate)
         self.protos: list[Any] = []
+        self.echoed = 0
         self.launched = 0
         self.failed = 0
         self.error: str | None = None
@@ -304,13 +333,24 @@ class _Idle:
             self.launched += 1
             in_flight += 1
             _connect(self.args.url, self.factory).addCallbacks(self.opened, self.refused)
-        if in_flight == 0 and not self.reported:
+        echoes_due = self.args.deflate and self.echoed < len(self.protos)
+        if in_flight == 0 and not echoes_due and not self.reported:
             self.reported = True
-            emit({"opened": len(self.protos), "failed": self.failed, "error": self.error})
+            compressed = sum(1 for p in self.protos if p.websocket_extensions_in_use)
+            emit(
+                {
+                    "opened": len(self.protos),
+                    "compressed": compressed,
+                    "failed": self.failed,
+                    "error": self.error,
+                }
+            )
             threading.Thread(target=self.wait_stdin, daemon=True).start()
 
     def opened(self, proto: Any) -> None:
         self.protos.append(proto)
+        if self.args.deflate:
+            proto.sendMessage(IDLE_MESSAGE, isBinary=False)
         self.launch()
 
     def refused(self, failure: Any) -> None:
@@ -427,6 +467,7 @@ def main() -> None:
         elif name == "idle":
             p.add_argument("--count", type=int, required=True)
             p.add_argument("--concurrency", type=int, default=32)
+            p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
         else:
             p.add_argument("--size", type=int, required=True)
     args = parser.parse_args()

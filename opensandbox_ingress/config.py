@@ -95,6 +95,12 @@ class IngressConfig:
     max_header_bytes: int = 16384
     #: Seconds between WebSocket keep-alive pings on both hops; 0 = off.
     websocket_ping_interval_s: float = 30.0
+    #: Negotiate permessage-deflate with clients that offer it (the backend
+    #: hop is never compressed).
+    websocket_compression: bool = True
+    #: Bytes a WebSocket message may carry (inflated, when compressed); a
+    #: larger one fails its sender with 1009.  0 = no limit.
+    websocket_max_message_bytes: int = 0
     #: Seconds a request for a not-ready sandbox waits for it; 0 = answer 503.
     ready_wait_s: float = 0.0
     #: Seconds a graceful shutdown may take before connections are cut.
@@ -152,6 +158,11 @@ class IngressConfig:
             raise ConfigError(
                 "max-header-bytes", f"must be >= 1024, got {self.max_header_bytes}"
             )
+        if self.websocket_max_message_bytes < 0:
+            raise ConfigError(
+                "websocket-max-message-bytes",
+                f"must be >= 0, got {self.websocket_max_message_bytes}",
+            )
         if self.workers < 1:
             raise ConfigError("workers", f"must be >= 1, got {self.workers}")
         renew = self.renew_intent
@@ -193,6 +204,14 @@ def parse_seconds(text: str, flag: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise ConfigError(flag, f"{text!r} must be a finite number >= 0")
     return value
+
+
+def parse_on_off(text: str, flag: str) -> bool:
+    """Parse C{on} or C{off} (any case) or raise L{ConfigError}."""
+    value = text.strip().lower()
+    if value not in ("on", "off"):
+        raise ConfigError(flag, f"{text!r} is not on or off")
+    return value == "on"
 
 
 def parse_int(text: str, flag: str, minimum: int = 0) -> int:

@@ -22,6 +22,7 @@ from .config import (
     IngressConfig,
     RenewIntentConfig,
     parse_int,
+    parse_on_off,
     parse_port,
     parse_seconds,
     parse_secure_access_keys,
@@ -66,6 +67,8 @@ class IngressOptions(usage.Options):
         ["idle-timeout", None, "300", "Seconds without any byte moving before a client or upstream connection is closed; 0 = never."],
         ["header-timeout", None, "30", "Seconds a client may take to send a request's headers."],
         ["websocket-ping-interval", None, "30", "Seconds between WebSocket keep-alive pings on both hops; 0 = off."],
+        ["websocket-compression", None, "on", "permessage-deflate on the client hop when the client offers it: on or off."],
+        ["websocket-max-message-bytes", None, "0", "Bytes a WebSocket message may carry (inflated); larger fails its sender with 1009. 0 = no limit."],
         ["ready-wait", None, "0", "Seconds a request for a not-ready sandbox waits for it; 0 = answer 503 at once."],
         ["shutdown-timeout", None, "30", "Seconds a graceful shutdown (SIGTERM) may take."],
         ["workers", None, "1", "Processes sharing the listeners."],
@@ -149,6 +152,12 @@ def config_from_options(options: Any) -> IngressConfig:
         header_timeout_s=parse_seconds(str(options["header-timeout"]), "header-timeout"),
         websocket_ping_interval_s=parse_seconds(
             str(options["websocket-ping-interval"]), "websocket-ping-interval"
+        ),
+        websocket_compression=parse_on_off(
+            str(options["websocket-compression"]), "websocket-compression"
+        ),
+        websocket_max_message_bytes=parse_int(
+            str(options["websocket-max-message-bytes"]), "websocket-max-message-bytes"
         ),
         ready_wait_s=parse_seconds(str(options["ready-wait"]), "ready-wait"),
         shutdown_timeout_s=parse_seconds(str(options["shutdown-timeout"]), "shutdown-timeout"),

@@ -63,6 +63,8 @@ def test_defaults_from_empty_command_line() -> None:
         shutdown_timeout_s=30.0,
         workers=1,
         max_header_bytes=16384,
+        websocket_compression=True,
+        websocket_max_message_bytes=0,
     )
 
 
@@ -119,6 +121,9 @@ def test_options_raw_defaults() -> None:
         (["--header-timeout", "5"], "header_timeout_s", 5.0),
         (["--max-header-bytes", "4096"], "max_header_bytes", 4096),
         (["--websocket-ping-interval", "0"], "websocket_ping_interval_s", 0.0),
+        (["--websocket-compression", "off"], "websocket_compression", False),
+        (["--websocket-compression", "ON"], "websocket_compression", True),
+        (["--websocket-max-message-bytes", "1048576"], "websocket_max_message_bytes", 1048576),
         (["--ready-wait", "15"], "ready_wait_s", 15.0),
         (["--shutdown-timeout", "0"], "shutdown_timeout_s", 0.0),
         (["--workers", "4"], "workers", 4),
@@ -237,6 +242,8 @@ def test_redis_dsn_parsed(dsn: str, parsed: RedisDsn) -> None:
         (["--shutdown-timeout", "-1"], "shutdown-timeout", "'-1'"),
         (["--workers", "0"], "workers", "'0'"),
         (["--max-header-bytes", "100"], "max-header-bytes", "'100'"),
+        (["--websocket-compression", "yes"], "websocket-compression", "'yes'"),
+        (["--websocket-max-message-bytes", "-1"], "websocket-max-message-bytes", "'-1'"),
         (["--workers", "-2"], "workers", "'-2'"),
         (["--workers", "two"], "workers", "'two'"),
         (["--renew-intent-queue-max-len", "-1"], "renew-intent-queue-max-len", "'-1'"),

@@ -484,3 +484,34 @@ def test_kept_alive_parser_frames_every_kind_of_response_in_turn(impl: str) -> N
                 parser = framing.response_parser(implementation=impl)
     # And bytes that arrive after the last one still taint the connection.
     assert status_of(parser.feed(b"HTTP/1.1 200 OK\r\n\r\n")) == 502
+
+
+# -- the answer to a WebSocket upgrade ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Set-Cookie: a=1; Expires=Wed, 21 Oct 2037\r\nSet-Cookie: b=2\r\n\r\n",
+            (101, "switched", 4),
+        ),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 OK\r\nUpgrade: websocket\r\n\r\n", (101, "switched", 1)),
+        (b"HTTP/1.1 403 Forbidden\r\nLocation: /login\r\nContent-Length: 4\r\n\r\n", (403, "length", 2)),
+        (b"HTTP/1.1 101 OK\r\nX-Bad: a\x01b\r\n\r\n", None),
+        (b"HTTP/1.1 101 OK\nUpgrade: websocket\n\n", None),
+        (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\n folded\r\n\r\n", None),
+        (b"HTTP/1.1 403 No\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", None),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", None),
+        (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\n", None),
+    ],
+)
+def test_upgrade_answer_is_parsed_and_checked(head: bytes, expected: tuple[int, str, int] | None) -> None:
+    """A backend's 101 or refusal is read by the framing layer; a head it would refuse is a 502."""
+    parsed = framing.parse_upgrade_response(head)
+    if expected is None:
+        assert isinstance(parsed, FramingError) and parsed.status == 502
+        return
+    assert isinstance(parsed, ResponseHead)
+    assert (parsed.status, parsed.framing, len(parsed.headers)) == expected

@@ -25,12 +25,12 @@ from twisted.logger import globalLogPublisher
 from twisted.web.http_headers import Headers
 
 from opensandbox_ingress import IngressService
+from opensandbox_ingress.framing import ResponseHead, parse_upgrade_response
 from opensandbox_ingress.web.websocket import (
     COLLECT_LIMIT,
     WebSocketHandshakeInvalid,
     backend_header_lines,
     check_client_handshake,
-    parse_response_head,
     returned_headers,
     subprotocol_offers,
 )
@@ -103,9 +103,11 @@ async def _raw_handshake(port: int, lines: list[str]) -> tuple[Any, int, list[tu
     await wait_until(
         lambda: b"\r\n\r\n" in client.received or client.lost, timeout=15, what="response head"
     )
-    head = bytes(client.received).split(b"\r\n\r\n", 1)[0]
-    status, _reason, headers = parse_response_head(head)
-    return client, status, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+    head = bytes(client.received).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    parsed = parse_upgrade_response(head)
+    assert isinstance(parsed, ResponseHead), parsed
+    headers = parsed.headers
+    return client, parsed.status, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
 
 
 def _handshake_lines(target: str, path: str = "/", extra: list[str] | None = None) -> list[str]:
@@ -184,13 +186,14 @@ def test_offers_and_lines_keep_repeated_headers() -> None:
 
 def test_returned_headers_keep_set_cookie_lines() -> None:
     """Set-Cookie lines (with commas in Expires) pass; handshake and hop headers do not."""
-    status, reason, headers = parse_response_head(
+    head = parse_upgrade_response(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\n"
         b"X-Hop: 1\r\nSec-WebSocket-Accept: abc\r\nSet-Cookie: a=1; Expires=Wed, 21 Oct 2037\r\n"
         b"Set-Cookie: b=2\r\nX-Kept: yes\r\n\r\n"
     )
-    assert (status, reason) == (101, "Switching Protocols")
-    assert returned_headers(headers) == {
+    assert isinstance(head, ResponseHead)
+    assert (head.status, head.reason, head.framing) == (101, b"Switching Protocols", "switched")
+    assert returned_headers(head.headers) == {
         "Set-Cookie": ["a=1; Expires=Wed, 21 Oct 2037", "b=2"],
         "X-Kept": ["yes"],
     }
@@ -238,8 +241,10 @@ async def test_handshake_forwards_headers_and_returns_backend_choice(
         assert _values(headers, "X-Backend") == ["ws"]
         assert _values(headers, "Reverse-Proxy-Server-PowerBy") == ["OpenSandbox-ingress"]
         assert _values(headers, "Server") == []
-        # No compression on either hop: frames pass as they are.
-        assert _values(headers, "Sec-WebSocket-Extensions") == []
+        # Compression on the client hop only, without context takeover.
+        assert _values(headers, "Sec-WebSocket-Extensions") == [
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ]
 
         lines = ws_backend.header_lines()
         assert ws_backend.request_line() == "GET /chat/room?x=1&y=%20 HTTP/1.1"

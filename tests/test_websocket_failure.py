@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from opensandbox_ingress.web import websocket
+from opensandbox_ingress.web.websocket import _hop
 from tests.helpers import start_ingress, wait_until
 from tests.ws_backend import WsBackend, connect_client
 
@@ -63,7 +63,7 @@ async def test_answers_before_the_violation_still_arrive(
     after the grace period), also when the bad frame follows a fragment
     already streamed to it.
     """
-    monkeypatch.setattr(websocket, "FAIL_GRACE_S", 60.0)
+    monkeypatch.setattr(_hop, "FAIL_GRACE_S", 60.0)
     service, backend, client, peer, session = await _open(tmp_path)
     try:
         bad, good = (client, peer) if violator == "client" else (peer, client)
@@ -94,7 +94,7 @@ async def test_silent_partner_cannot_hold_a_failing_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A backend that never answers the relay's close is cut after the grace period."""
-    monkeypatch.setattr(websocket, "FAIL_GRACE_S", 0.5)
+    monkeypatch.setattr(_hop, "FAIL_GRACE_S", 0.5)
     service, backend, client, peer, session = await _open(tmp_path)
     try:
         peer.transport.pauseProducing()  # never reads the close

@@ -199,3 +199,39 @@ async def test_peer_that_stops_reading_mid_frame_is_still_dropped(tmp_path: Path
     finally:
         await service.stopService()
         await backend.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_answer_waits_for_the_frame_being_relayed(tmp_path: Path) -> None:
+    """
+    A client that closes while a large frame is half relayed to it gets
+    the whole message first, then the ingress's answer to its close: a
+    clean 1000, not a close frame written inside the frame.
+    """
+    backend = WsBackend().listen()
+    backend.echo = False
+    service = await start_ingress(tmp_path, SANDBOXES, websocket_ping_interval_s=0)
+    try:
+        port = int(service.addresses()[0].port)
+        client = await connect_client(port, f"sbx-{backend.port_number}", rcvbuf=64 * 1024)
+        await wait_until(lambda: backend.opened, what="backend open")
+        session = next(iter(service.websocket.sessions))
+        client.transport.pauseProducing()
+        payload = random.Random(7).randbytes(8 << 20)
+        # One frame, whole in the backend's send buffer: its own close
+        # answer cannot split it.
+        backend.opened[-1].sendMessage(payload, isBinary=True)
+        await wait_until(
+            lambda: session.client.frame_half_written() and session.throttles[0].paused,
+            what="the frame half relayed, the client not reading",
+        )
+        client.closeHandshakeTimeout = 30  # the answer comes after 8 MiB
+        client.sendClose(1000, "bye")
+        await wait_until(lambda: session.client.held_reply is not None, what="the answer held")
+        client.transport.resumeProducing()
+        await wait_until(lambda: client.closed, timeout=15, what="client closed")
+        assert client.closed[:2] == (True, 1000), client.closed
+        assert [m.digest for m in client.messages] == [hashlib.sha256(payload).hexdigest()]
+    finally:
+        await service.stopService()
+        await backend.stop()

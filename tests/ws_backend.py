@@ -22,6 +22,11 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
 from autobahn.websocket.types import ConnectingRequest, ConnectionDeny
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -63,6 +68,8 @@ class Recorder:
 
     def onMessageBegin(self, isBinary: bool) -> None:
         self.current = Message(isBinary)
+        # Autobahn's inflating path counts on its base onMessageBegin.
+        self.message_data_total_length = 0
 
     def onMessageFrameBegin(self, length: int) -> None:
         assert self.current is not None
@@ -269,8 +276,13 @@ async def connect_client(
     headers: dict[str, str] | None = None,
     ping_interval: float = 0,
     rcvbuf: int | None = None,
+    deflate: bool = False,
 ) -> ClientProtocol:
-    """Open a WebSocket through the ingress on C{port} to sandbox C{target}."""
+    """
+    Open a WebSocket through the ingress on C{port} to sandbox C{target};
+    with C{deflate}, offer permessage-deflate as browsers do
+    (C{permessage-deflate; client_max_window_bits}).
+    """
     factory = WebSocketClientFactory(protocols=protocols or [])
     factory.protocol = ClientProtocol
     factory.noisy = False
@@ -281,6 +293,17 @@ async def connect_client(
         autoPingInterval=ping_interval,
         openHandshakeTimeout=30,
     )
+    if deflate:
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[
+                PerMessageDeflateOffer(accept_no_context_takeover=False, accept_max_window_bits=True)
+            ],
+            perMessageCompressionAccept=lambda response: (
+                PerMessageDeflateResponseAccept(response)
+                if isinstance(response, PerMessageDeflateResponse)
+                else None
+            ),
+        )
     all_headers = {"OpenSandbox-Ingress-To": target}
     all_headers.update(headers or {})
     options = ConnectingRequest(

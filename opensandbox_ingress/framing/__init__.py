@@ -37,7 +37,7 @@ from ._events import (
     ResponseHead,
     Switched,
 )
-from ._h11 import H11RequestParser, H11ResponseParser
+from ._h11 import H11RequestParser, H11ResponseParser, parse_upgrade_response
 from ._policy import (
     MAX_HEAD_BYTES,
     MAX_HEADER_COUNT,
@@ -148,6 +148,7 @@ __all__ = [
     "accept_request",
     "accept_response",
     "invalid_response_header",
+    "parse_upgrade_response",
     "reason_phrase",
     "request_parser",
     "response_parser",

@@ -29,6 +29,8 @@ from ._policy import (
     MAX_RESPONSE_HEAD_BYTES,
     accept_request,
     accept_response,
+    invalid_response_header,
+    reason_phrase,
 )
 
 #: A Content-Length line holding a list (h11 collapses C{1, 1} to C{1}).
@@ -277,3 +279,59 @@ class H11ResponseParser:
                 return events
             events.append(FramingError(502, f"malformed response: {_reason(e)}"))
         return events
+
+
+def parse_upgrade_response(head: bytes) -> ResponseHead | FramingError:
+    """
+    A backend's answer to a WebSocket upgrade request, given its complete
+    head (through the blank line): a L{ResponseHead} for a 101 (framing
+    C{"switched"}: what follows is not HTTP) or for a final refusal, else a
+    L{FramingError}.  Read by h11 on both implementations (a handshake is
+    parsed once per session, and only h11 follows an upgrade through its
+    101), checked as any backend head is.
+    """
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+    conn.send(
+        h11.Request(
+            method=b"GET",
+            target=b"/",
+            headers=[(b"Host", b"x"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")],
+        )
+    )
+    conn.send(h11.EndOfMessage())
+    raw = head
+    conn.receive_data(head)
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+                # An interim answer; the real one follows.
+                end = raw.find(b"\r\n\r\n")
+                raw = raw[end + 4 :] if end >= 0 else b""
+                continue
+            break
+    except h11.RemoteProtocolError as e:
+        return FramingError(502, f"malformed response: {_reason(e)}")
+    if not isinstance(event, (h11.InformationalResponse, h11.Response)):
+        return FramingError(502, "incomplete response head")
+    headers = list(event.headers.raw_items())
+    if not _raw_head_ok(raw, len(headers)):
+        return FramingError(502, "invalid line ends or folding")
+    if isinstance(event, h11.Response):
+        return accept_response(
+            event.status_code, bytes(event.reason), event.http_version, headers, b"GET"
+        )
+    why = invalid_response_header(headers)
+    if why is not None:
+        return FramingError(502, why)
+    reason = bytes(event.reason)
+    if reason and reason_phrase(101, reason) != reason:
+        return FramingError(502, "control character in the reason phrase")
+    listed = frozenset(
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+        if token.strip()
+    )
+    return ResponseHead(101, reason, event.http_version, headers, "switched", None, False, listed)
