@@ -15,7 +15,7 @@ valid; otherwise the same text is read as an unsigned route.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ._compat import DATACLASS_SLOTS
 from .errors import RouteInvalid
@@ -43,6 +43,11 @@ class Route:
         a valid signature, the unsigned reading of the same path, to be used
         when the sandbox does not require secure access (its path then keeps
         the signature-shaped segments).
+    @ivar whole_path: URI mode only: the target as C{--uri-keep-prefix}
+        forwards it, C{/{id}/{port}/{rest}} and the query, without the
+        signed segments (they are credentials, not part of the app's URL).
+    @ivar prefix_kept: L{path} is L{whole_path}: the app already writes
+        prefixed URLs, so a C{Location} must not be rebased.
     """
 
     sandbox_id: str
@@ -51,12 +56,21 @@ class Route:
     signed: SignedPart | None = None
     prefix: bytes = b""
     unsigned_fallback: Route | None = None
+    whole_path: bytes = b""
+    prefix_kept: bool = False
 
-    def for_sandbox(self, requires_secure_access: bool) -> Route:
-        """The reading of this route that applies to the resolved sandbox."""
+    def for_sandbox(self, requires_secure_access: bool, keep_prefix: bool = False) -> Route:
+        """
+        The reading of this route that applies to the resolved sandbox;
+        with C{keep_prefix} (C{--uri-keep-prefix}), one that forwards
+        L{whole_path}.
+        """
+        route = self
         if not requires_secure_access and self.unsigned_fallback is not None:
-            return self.unsigned_fallback
-        return self
+            route = self.unsigned_fallback
+        if keep_prefix and route.whole_path:
+            return replace(route, path=route.whole_path, prefix_kept=True, unsigned_fallback=None)
+        return route
 
 
 def _port(text: str, strict: bool) -> int | None:
@@ -202,7 +216,7 @@ def parse_uri_route(uri: bytes) -> Route:
         raise RouteInvalid(f"path has an invalid port {port_text!r}")
     prefix = b"/" + parts[1] + b"/" + parts[2]
     rest = path[len(prefix) :] or b"/"
-    unsigned = Route(sandbox_id, port, rest + suffix, prefix=prefix)
+    unsigned = Route(sandbox_id, port, rest + suffix, prefix=prefix, whole_path=target)
     if len(parts) < 5:
         return unsigned
     # latin-1 never fails; a non-ASCII segment simply is not valid.
@@ -211,11 +225,13 @@ def parse_uri_route(uri: bytes) -> Route:
     if not (is_expires_b36(expires_b36) and is_signature(signature)):
         return unsigned
     signed_prefix = prefix + b"/" + parts[3] + b"/" + parts[4]
+    after = path[len(signed_prefix) :]
     return Route(
         sandbox_id,
         port,
-        (path[len(signed_prefix) :] or b"/") + suffix,
+        (after or b"/") + suffix,
         signed=SignedPart(expires_b36, signature),
         prefix=signed_prefix,
         unsigned_fallback=unsigned,
+        whole_path=prefix + after + suffix,
     )

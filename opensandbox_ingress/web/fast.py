@@ -531,7 +531,7 @@ class FastChannel(Protocol):
                     head.ingress_to, head.legacy, head.host, head.target
                 )
             record = core.registry.lookup(route.sandbox_id)
-            route = route.for_sandbox(record.secure_access_token is not None)
+            route = route.for_sandbox(record.secure_access_token is not None, core.proxy.keep_prefix)
             check_access(
                 record.secure_access_token,
                 head.secure,
@@ -844,7 +844,9 @@ class _Exchange:
             if low in strip or low in listed:
                 continue
             lines += (name, b": ", value, b"\r\n")
-        if ":" in endpoint:
+        if self.core.proxy.preserve_host and head.host is not None:
+            lines += (b"Host: ", head.host, b"\r\n")
+        elif ":" in endpoint:
             lines.append(b"Host: [%s]:%d\r\n" % (endpoint.encode("ascii"), route.port))
         else:
             lines.append(b"Host: %s:%d\r\n" % (endpoint.encode("idna"), route.port))
@@ -943,7 +945,7 @@ class _Exchange:
         lines = [status_line(code, response.reason)]
         if not self.persistent:
             lines.append(b"Connection: close\r\n")
-        prefix = self.route.prefix
+        prefix = b"" if self.route.prefix_kept else self.route.prefix
         listed = response.listed
         strip = _STRIP_RESPONSE | listed if listed else _STRIP_RESPONSE
         dated = False

@@ -187,6 +187,11 @@ class Proxy:
         self._core = core
         config = core.config
         self._uri_mode = config.mode == "uri"
+        #: The two forwarding choices the browser-app flags make, decided
+        #: once here: forward the whole URI-mode path (and rebase no
+        #: C{Location}), and keep the client's C{Host}.
+        self.keep_prefix = self._uri_mode and config.uri_keep_prefix
+        self.preserve_host = config.preserve_host
         # The core's live ring, not a copy: a keys file rotates it in place.
         self._keys = core.secure_access_keys
         self._ready_wait = config.ready_wait_s
@@ -226,7 +231,7 @@ class Proxy:
     ) -> Resolution | Deferred[Resolution]:
         """L{resolve} for an already parsed route."""
         record = self._core.registry.lookup(route.sandbox_id)
-        route = route.for_sandbox(record.secure_access_token is not None)
+        route = route.for_sandbox(record.secure_access_token is not None, self.keep_prefix)
         check_access(
             record.secure_access_token,
             request.requestHeaders.getRawHeaders(SECURE_ACCESS_HEADER),
@@ -338,11 +343,14 @@ class Proxy:
         )
 
 
-def forward_request_headers(request: Request, endpoint: str, route: Route) -> Headers:
+def forward_request_headers(
+    request: Request, endpoint: str, route: Route, preserve_host: bool = False
+) -> Headers:
     """
     The headers the backend receives: the client's, less hop-by-hop,
-    routing and secure-access headers, with C{Host} set to the backend and
-    the C{X-Forwarded-*} family added.
+    routing and secure-access headers, with C{Host} set to the backend (or,
+    with C{preserve_host}, kept as the client sent it) and the
+    C{X-Forwarded-*} family added.
     """
     src = request.requestHeaders
     strip = _STRIP_REQUEST
@@ -353,7 +361,10 @@ def forward_request_headers(request: Request, endpoint: str, route: Route) -> He
     for name, values in src.getAllRawHeaders():
         if name.lower() not in strip:
             out.setRawHeaders(name, values)
-    if ":" in endpoint:
+    client_host = src.getRawHeaders(b"host") if preserve_host else None
+    if client_host:
+        out.setRawHeaders(b"Host", client_host[:1])
+    elif ":" in endpoint:
         out.setRawHeaders(b"Host", [b"[%s]:%d" % (endpoint.encode("ascii"), route.port)])
     else:
         out.setRawHeaders(b"Host", [b"%s:%d" % (endpoint.encode("idna"), route.port)])
@@ -471,7 +482,9 @@ class _Exchange:
                 if content.tell():
                     content.seek(0)
                     body = FileBodyProducer(content)
-        headers = forward_request_headers(request, res.endpoint, route)
+        headers = forward_request_headers(
+            request, res.endpoint, route, self._core.proxy.preserve_host
+        )
         if self._idle:
             self._timer = self._core.reactor.callLater(self._idle, self._idle_timeout)
         self._core.request_started()
@@ -572,7 +585,8 @@ class _Exchange:
         listed = _tokens(getattr(response, "connection_header", None))
         if listed:
             strip = strip | listed
-        prefix = self._res.route.prefix
+        route = self._res.route
+        prefix = b"" if route.prefix_kept else route.prefix
         head = request.method == b"HEAD"
         for name, values in response.headers.getAllRawHeaders():
             lowered = name.lower()

@@ -203,6 +203,15 @@ def backend_header_lines(forwarded: Headers) -> list[tuple[str, str]]:
     ]
 
 
+def with_host_line(head: bytes, host: bytes) -> bytes:
+    """C{head} (an HTTP request head) with its C{Host} line's value replaced by C{host}."""
+    start = head.find(b"\r\nHost: ")
+    if start == -1:
+        return head
+    start += len(b"\r\nHost: ")
+    return head[:start] + host + head[head.index(b"\r\n", start) :]
+
+
 def parse_response_head(head: bytes) -> tuple[int, str, list[tuple[bytes, bytes]]]:
     """
     Status code, reason and header lines (in order, repeated names kept) of
@@ -710,6 +719,15 @@ class _BackendHop(_Hop, WebSocketClientProtocol):  # type: ignore[misc]
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         return self.session.backend_request()
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn always writes "Host: {host}:{port}" (a client Host
+        # without a port cannot be expressed), so --preserve-host swaps
+        # that one line of the handshake it built.
+        host = self.session.host_header
+        if host is not None and data is getattr(self, "http_request_data", None):
+            data = self.http_request_data = with_host_line(data, host)
+        super().sendData(data, sync, chopsize)
+
     def onOpen(self) -> None:
         self.session.backend_open(self)
 
@@ -790,9 +808,13 @@ class _Session:
         self.subprotocol: str | None = None
         self.response_headers: dict[str, list[str]] = {}
         self._offers = subprotocol_offers(request.requestHeaders)
+        preserve_host = relay.core.proxy.preserve_host
         self._lines = backend_header_lines(
-            forward_request_headers(request, resolution.endpoint, route)
+            forward_request_headers(request, resolution.endpoint, route, preserve_host)
         )
+        #: The client's Host for the backend handshake (C{--preserve-host}).
+        client_host = request.requestHeaders.getRawHeaders(b"host") if preserve_host else None
+        self.host_header: bytes | None = client_host[0] if client_host else None
         self._connecting: Deferred[Any] | None = None
         self.bytes_up = 0
         self.bytes_down = 0
