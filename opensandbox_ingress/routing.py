@@ -235,3 +235,45 @@ def parse_uri_route(uri: bytes) -> Route:
         unsigned_fallback=unsigned,
         whole_path=prefix + after + suffix,
     )
+
+
+#: What stands in the access log for each signed-route segment.
+REDACTED = "REDACTED"
+#: Characters of a logged path beyond this are cut (the line stays bounded).
+LOG_PATH_MAX_CHARS = 512
+# Bytes kept as they are in a logged path: visible ASCII but quotes and
+# backslash; the rest is percent-encoded, so the path stays one field of a
+# text line, needs no escaping in JSON, and cannot forge a line.
+_LOG_SAFE = frozenset(range(0x21, 0x7F)) - {ord('"'), ord("\\")}
+
+
+def loggable_path(target: bytes, uri_mode: bool) -> str:
+    """
+    The request path as the access log shows it: no query string (it
+    carries tokens, e.g. Jupyter's C{?token=}), no authority of an
+    absolute-form target, and in URI mode a signed route's expiry and
+    signature segments replaced by L{REDACTED} (they are credentials).
+    Bytes outside visible ASCII are percent-encoded; a C{%} already in the
+    path is kept as written.
+    """
+    path = origin_form(target).split(b"?", 1)[0].split(b"#", 1)[0]
+    if uri_mode:
+        parts = path.split(b"/", 5)
+        if (
+            len(parts) >= 5
+            and is_expires_b36(parts[3].decode("latin-1"))
+            and is_signature(parts[4].decode("latin-1"))
+        ):
+            parts[3] = parts[4] = REDACTED.encode()
+            path = b"/".join(parts)
+    return loggable_text(path[:LOG_PATH_MAX_CHARS])
+
+
+def loggable_text(value: bytes) -> str:
+    """
+    C{value} as one field of an access line: visible ASCII but quotes and
+    backslash as is, every other byte percent-encoded.
+    """
+    if all(b in _LOG_SAFE for b in value):
+        return value.decode("ascii")
+    return "".join(chr(b) if b in _LOG_SAFE else f"%{b:02X}" for b in value)

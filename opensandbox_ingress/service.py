@@ -64,7 +64,7 @@ class IngressCore:
         )
         self.renew: RenewIntentPublisher = publisher(reactor, config.renew_intent)
         self.metrics = IngressMetrics(config.mode)
-        self.access_log = AccessLog(metrics=self.metrics)
+        self.access_log = AccessLog(metrics=self.metrics, uri_mode=config.mode == "uri")
         self.proxy = Proxy(self)
         self.websocket = WebSocketRelay(self)
         self.proxy.websocket_handler = self.websocket.handle

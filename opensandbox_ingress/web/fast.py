@@ -1192,6 +1192,7 @@ class _Exchange:
             0 if self.head.method == b"HEAD" else self._sent,
             self.started,
             self.channel.client,
+            target=self.head.target,
         )
 
 

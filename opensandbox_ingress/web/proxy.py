@@ -340,6 +340,7 @@ class Proxy:
             len(error.body()),
             started,
             client_ip(request),
+            target=local_uri(request),
         )
 
 
@@ -673,6 +674,7 @@ class _Exchange:
             request.sentLength,
             self._started,
             client_ip(request),
+            target=local_uri(request),
         )
 
 

@@ -80,8 +80,16 @@ from ..errors import (
     WebSocketUpstreamRefused,
     WebSocketUpstreamUnreachable,
 )
+from ..routing import loggable_path, loggable_text
 from .errors import render_error
-from .proxy import HOP_BY_HOP, POWERED_BY, Resolution, client_ip, forward_request_headers
+from .proxy import (
+    HOP_BY_HOP,
+    POWERED_BY,
+    Resolution,
+    client_ip,
+    forward_request_headers,
+    local_uri,
+)
 
 if TYPE_CHECKING:
     from ..registry import SandboxRecord
@@ -201,6 +209,12 @@ def backend_header_lines(forwarded: Headers) -> list[tuple[str, str]]:
         if name.lower() not in _NOT_FORWARDED
         for value in values
     ]
+
+
+def extension_names(hop: Any) -> str:
+    """The WebSocket extensions C{hop} negotiated, by name (C{-}: none)."""
+    in_use = getattr(hop, "websocket_extensions_in_use", None) or []
+    return ",".join(ext.EXTENSION_NAME for ext in in_use) or "-"
 
 
 def with_host_line(head: bytes, host: bytes) -> bytes:
@@ -798,6 +812,8 @@ class _Session:
         self.endpoint = resolution.endpoint
         self.path = route.path
         self.request_uri = relay.request_uri(route)
+        #: The client's request target, for the access line.
+        self.target = local_uri(request)
         self.started = started
         self.client_ip = client_ip(request)
         self.state = _DIALING
@@ -902,6 +918,7 @@ class _Session:
             self.started,
             self.client_ip,
             kind="ws",
+            target=self.target,
         )
 
     def _backend_failed(self, hop: _BackendHop) -> None:
@@ -1079,7 +1096,9 @@ class _Session:
             if hop is not None:
                 hop.partner = None
         _access_log.info(
-            "ws GET sandbox={sandbox} port={port} status=101 "
+            "ws GET sandbox={sandbox} port={port} path={path} status=101 "
+            "subprotocol={subprotocol} extensions={extensions} "
+            "upstream_extensions={upstream_extensions} "
             "bytes_in={bytes_in} bytes_out={bytes_out} frames_in={frames_in} "
             "frames_out={frames_out} close_code={close_code} closed_by={closed_by} "
             "duration_ms={duration_ms} client={client}",
@@ -1088,6 +1107,12 @@ class _Session:
             status=101,
             sandbox=self.sandbox_id,
             port=self.port,
+            path=loggable_path(self.target, self.relay.core.access_log.uri_mode),
+            # What each hop negotiated, as Autobahn holds it (the offers
+            # and the backend's choice are untrusted text: made loggable).
+            subprotocol=loggable_text(self.subprotocol.encode()) if self.subprotocol else "-",
+            extensions=extension_names(self.client),
+            upstream_extensions=extension_names(self.backend),
             bytes_in=self.bytes_up,
             bytes_out=self.bytes_down,
             frames_in=self.frames_up,
