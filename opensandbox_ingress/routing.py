@@ -252,21 +252,35 @@ def loggable_path(target: bytes, uri_mode: bool) -> str:
     The request path as the access log shows it: no query string (it
     carries tokens, e.g. Jupyter's C{?token=}), no authority of an
     absolute-form target, and in URI mode a signed route's expiry and
-    signature segments replaced by L{REDACTED} (they are credentials).
+    signature segments replaced by L{REDACTED} (they are credentials), also
+    when they are malformed or the sandbox is open: any fourth segment
+    that resembles a signature.
     Bytes outside visible ASCII are percent-encoded; a C{%} already in the
     path is kept as written.
     """
     path = origin_form(target).split(b"?", 1)[0].split(b"#", 1)[0]
     if uri_mode:
         parts = path.split(b"/", 5)
-        if (
-            len(parts) >= 5
-            and is_expires_b36(parts[3].decode("latin-1"))
-            and is_signature(parts[4].decode("latin-1"))
-        ):
+        if len(parts) >= 5 and _resembles_signature(parts[4]):
             parts[3] = parts[4] = REDACTED.encode()
             path = b"/".join(parts)
     return loggable_text(path[:LOG_PATH_MAX_CHARS])
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ALNUM = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _resembles_signature(segment: bytes) -> bool:
+    # Not only valid signatures: a mistyped or forged one (uppercase, a
+    # digit short, one wrong character) is as much a credential in the log,
+    # and routing reads it as plain path.  8-10 letters and digits whose
+    # first 8 are hex but at most one: app paths rarely look like that.
+    return (
+        8 <= len(segment) <= 10
+        and all(b in _ALNUM for b in segment)
+        and sum(b not in _HEX for b in segment[:8]) <= 1
+    )
 
 
 def loggable_text(value: bytes) -> str:

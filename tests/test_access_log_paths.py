@@ -46,8 +46,14 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         (b"/sb/8080/x2qxvk/614adedea", True, "/sb/8080/REDACTED/REDACTED"),
         # Header mode: the path is the app's own; there is nothing signed in it.
         (b"/sb/8080/x2qxvk/614adedea", False, "/sb/8080/x2qxvk/614adedea"),
-        # Not a valid expiry + signature: an unsigned path, logged as is.
+        # Malformed signed segments are credentials too.
+        (b"/sb/8080/X2QXVK/614adedeA/api", True, "/sb/8080/REDACTED/REDACTED/api"),
+        (b"/sb/8080/x2qxvk/614adede/api", True, "/sb/8080/REDACTED/REDACTED/api"),
+        (b"/sb/8080/x2qxvk/g14adedea", True, "/sb/8080/REDACTED/REDACTED"),
+        # App paths are not signatures.
         (b"/sb/8080/api/terminals", True, "/sb/8080/api/terminals"),
+        (b"/sb/8080/lab/workspaces/auto-x", True, "/sb/8080/lab/workspaces/auto-x"),
+        (b"/sb/8080/api/contents", True, "/sb/8080/api/contents"),
         (b"/p%20q r\xc3\xa9\"\\\x01", False, "/p%20q%20r%C3%A9%22%5C%01"),
         (b"*", False, "*"),
     ],
