@@ -59,6 +59,11 @@ class Route:
     whole_path: bytes = b""
     prefix_kept: bool = False
 
+    @property
+    def location_prefix(self) -> bytes:
+        """What a root-relative C{Location} is rebased under (empty: none)."""
+        return b"" if self.prefix_kept else self.prefix
+
     def for_sandbox(self, requires_secure_access: bool, keep_prefix: bool = False) -> Route:
         """
         The reading of this route that applies to the resolved sandbox;

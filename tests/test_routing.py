@@ -310,7 +310,10 @@ def test_for_sandbox_keeping_prefix(uri: bytes, secure: bool, kept: bytes) -> No
     """--uri-keep-prefix forwards the whole path, less the signed segments of a secure sandbox."""
     route = parse_uri_route(uri).for_sandbox(secure, keep_prefix=True)
     assert (route.path, route.prefix_kept) == (kept, True)
-    assert route.prefix == parse_uri_route(uri).for_sandbox(secure).prefix
+    default = parse_uri_route(uri).for_sandbox(secure)
+    assert route.prefix == default.prefix
+    # The app wrote its Location with the prefix already: no rebase.
+    assert (route.location_prefix, default.location_prefix) == (b"", default.prefix)
 
 
 def test_for_sandbox_keeping_prefix_leaves_header_routes() -> None:

@@ -945,7 +945,7 @@ class _Exchange:
         lines = [status_line(code, response.reason)]
         if not self.persistent:
             lines.append(b"Connection: close\r\n")
-        prefix = b"" if self.route.prefix_kept else self.route.prefix
+        prefix = self.route.location_prefix
         listed = response.listed
         strip = _STRIP_RESPONSE | listed if listed else _STRIP_RESPONSE
         dated = False

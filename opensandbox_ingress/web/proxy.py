@@ -187,9 +187,7 @@ class Proxy:
         self._core = core
         config = core.config
         self._uri_mode = config.mode == "uri"
-        #: The two forwarding choices the browser-app flags make, decided
-        #: once here: forward the whole URI-mode path (and rebase no
-        #: C{Location}), and keep the client's C{Host}.
+        #: The browser-app flags, decided once here (README, "Serving browser apps").
         self.keep_prefix = self._uri_mode and config.uri_keep_prefix
         self.preserve_host = config.preserve_host
         # The core's live ring, not a copy: a keys file rotates it in place.
@@ -586,8 +584,7 @@ class _Exchange:
         listed = _tokens(getattr(response, "connection_header", None))
         if listed:
             strip = strip | listed
-        route = self._res.route
-        prefix = b"" if route.prefix_kept else route.prefix
+        prefix = self._res.route.location_prefix
         head = request.method == b"HEAD"
         for name, values in response.headers.getAllRawHeaders():
             lowered = name.lower()
