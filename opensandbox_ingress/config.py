@@ -106,6 +106,13 @@ class IngressConfig:
     #: Seconds a graceful shutdown may take before connections are cut.
     shutdown_timeout_s: float = 30.0
     workers: int = 1
+    #: The backend receives the client's C{Host} instead of
+    #: C{{endpoint}:{port}} (browser apps compare C{Origin} with C{Host}).
+    preserve_host: bool = False
+    #: URI mode: the backend receives the whole path C{/{id}/{port}/{rest}}
+    #: (signed segments removed) and C{Location} is not rebased, for apps
+    #: served under that base URL.
+    uri_keep_prefix: bool = False
 
     def validate(self) -> IngressConfig:
         """
@@ -163,6 +170,8 @@ class IngressConfig:
                 "websocket-max-message-bytes",
                 f"must be >= 0, got {self.websocket_max_message_bytes}",
             )
+        if self.uri_keep_prefix and self.mode != "uri":
+            raise ConfigError("uri-keep-prefix", "only applies with --mode uri")
         if self.workers < 1:
             raise ConfigError("workers", f"must be >= 1, got {self.workers}")
         renew = self.renew_intent

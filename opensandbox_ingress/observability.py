@@ -32,6 +32,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from . import buildinfo
+from .routing import loggable_path
 
 if TYPE_CHECKING:
     from .config import IngressConfig
@@ -290,9 +291,10 @@ class AccessLineWriter:
         nbytes: int,
         duration_ms: float,
         client: str,
+        path: str = "-",
     ) -> None:
         message = (
-            f"{kind} {method} sandbox={sandbox} port={port} status={status} "
+            f"{kind} {method} sandbox={sandbox} port={port} path={path} status={status} "
             f"bytes={nbytes} duration_ms={duration_ms} client={client}"
         )
         now = time.time()
@@ -308,6 +310,7 @@ class AccessLineWriter:
                         "method": method,
                         "sandbox": sandbox,
                         "port": port,
+                        "path": path,
                         "status": status,
                         "bytes": nbytes,
                         "duration_ms": duration_ms,
@@ -338,9 +341,12 @@ class AccessLog:
         log: Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         metrics: Any = None,
+        uri_mode: bool = False,
     ) -> None:
         self._log = log or Logger(namespace=ACCESS_NAMESPACE)
         self._clock = clock
+        #: Which route grammar the logged paths follow (for redaction).
+        self.uri_mode = uri_mode
         #: An L{IngressMetrics}, told about every finished request too.
         self._metrics = metrics
         #: When set, called with the line's fields instead of logging an event;
@@ -357,10 +363,13 @@ class AccessLog:
         started: float,
         client: str,
         kind: str = "http",
+        target: bytes = b"",
     ) -> None:
         """
         Log (and count) one finished request or WebSocket session
-        (C{started} from the same clock).
+        (C{started} from the same clock).  C{target} is the request target
+        as the client sent it; the line shows its path, redacted
+        (L{loggable_path}), or C{-} when there is none.
         """
         duration = self._clock() - started
         if self._metrics is not None:
@@ -377,15 +386,17 @@ class AccessLog:
                     nbytes,
                     round(duration * 1000, 1),
                     client,
+                    loggable_path(target, self.uri_mode) if target else "-",
                 )
             return
         self._log.info(
-            "{kind} {method} sandbox={sandbox} port={port} status={status} "
+            "{kind} {method} sandbox={sandbox} port={port} path={path} status={status} "
             "bytes={bytes} duration_ms={duration_ms} client={client}",
             kind=kind,
             method=method.decode("latin-1"),
             sandbox=sandbox,
             port=port,
+            path=loggable_path(target, self.uri_mode) if target else "-",
             status=status,
             bytes=nbytes,
             duration_ms=round(duration * 1000, 1),

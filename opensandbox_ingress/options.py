@@ -44,6 +44,8 @@ class IngressOptions(usage.Options):
         ["all-namespaces", None, "Watch sandbox resources cluster-wide."],
         ["renew-intent-enabled", None, "Publish OSEP-0009 renew intents to Redis."],
         ["renew-intent-shared-throttle", None, "Keep the per-sandbox throttle in Redis, shared by all replicas and workers."],
+        ["preserve-host", None, "Send the backend the client's Host instead of <endpoint>:<port> (browser apps that check Origin against Host)."],
+        ["uri-keep-prefix", None, "URI mode: forward the whole path /<id>/<port>/<rest> (apps served under that base URL); no Location rebase."],
     ]
 
     optParameters = [
@@ -165,6 +167,8 @@ def config_from_options(options: Any) -> IngressConfig:
         max_header_bytes=parse_int(
             str(options["max-header-bytes"]), "max-header-bytes", minimum=1024
         ),
+        preserve_host=bool(options.get("preserve-host")),
+        uri_keep_prefix=bool(options.get("uri-keep-prefix")),
     )
     config.validate()
     if config.secure_access_keys_file:

@@ -15,7 +15,7 @@ valid; otherwise the same text is read as an unsigned route.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ._compat import DATACLASS_SLOTS
 from .errors import RouteInvalid
@@ -45,6 +45,11 @@ class Route:
         a valid signature, the unsigned reading of the same path, to be used
         when the sandbox does not require secure access (its path then keeps
         the signature-shaped segments).
+    @ivar whole_path: URI mode only: the target as C{--uri-keep-prefix}
+        forwards it, C{/{id}/{port}/{rest}} and the query, without the
+        signed segments (they are credentials, not part of the app's URL).
+    @ivar prefix_kept: L{path} is L{whole_path}: the app already writes
+        prefixed URLs, so a C{Location} must not be rebased.
     """
 
     sandbox_id: str
@@ -53,12 +58,26 @@ class Route:
     signed: SignedPart | None = None
     prefix: bytes = b""
     unsigned_fallback: Route | None = None
+    whole_path: bytes = b""
+    prefix_kept: bool = False
 
-    def for_sandbox(self, requires_secure_access: bool) -> Route:
-        """The reading of this route that applies to the resolved sandbox."""
+    @property
+    def location_prefix(self) -> bytes:
+        """What a root-relative C{Location} is rebased under (empty: none)."""
+        return b"" if self.prefix_kept else self.prefix
+
+    def for_sandbox(self, requires_secure_access: bool, keep_prefix: bool = False) -> Route:
+        """
+        The reading of this route that applies to the resolved sandbox;
+        with C{keep_prefix} (C{--uri-keep-prefix}), one that forwards
+        L{whole_path}.
+        """
+        route = self
         if not requires_secure_access and self.unsigned_fallback is not None:
-            return self.unsigned_fallback
-        return self
+            route = self.unsigned_fallback
+        if keep_prefix and route.whole_path:
+            return replace(route, path=route.whole_path, prefix_kept=True, unsigned_fallback=None)
+        return route
 
 
 def _port(text: str, strict: bool) -> int | None:
@@ -220,7 +239,7 @@ def parse_uri_route(uri: bytes) -> Route:
         raise RouteInvalid(f"path has an invalid port {port_text!r}")
     prefix = b"/" + parts[1] + b"/" + parts[2]
     rest = path[len(prefix) :] or b"/"
-    unsigned = Route(sandbox_id, port, rest + suffix, prefix=prefix)
+    unsigned = Route(sandbox_id, port, rest + suffix, prefix=prefix, whole_path=target)
     if len(parts) < 5:
         return unsigned
     # latin-1 never fails; a non-ASCII segment simply is not valid.
@@ -229,11 +248,69 @@ def parse_uri_route(uri: bytes) -> Route:
     if not (is_expires_b36(expires_b36) and is_signature(signature)):
         return unsigned
     signed_prefix = prefix + b"/" + parts[3] + b"/" + parts[4]
+    after = path[len(signed_prefix) :]
     return Route(
         sandbox_id,
         port,
-        (path[len(signed_prefix) :] or b"/") + suffix,
+        (after or b"/") + suffix,
         signed=SignedPart(expires_b36, signature),
         prefix=signed_prefix,
         unsigned_fallback=unsigned,
+        whole_path=prefix + after + suffix,
     )
+
+
+#: What stands in the access log for each signed-route segment.
+REDACTED = "REDACTED"
+#: Characters of a logged path beyond this are cut (the line stays bounded).
+LOG_PATH_MAX_CHARS = 512
+# Bytes kept as they are in a logged path: visible ASCII but quotes and
+# backslash; the rest is percent-encoded, so the path stays one field of a
+# text line, needs no escaping in JSON, and cannot forge a line.
+_LOG_SAFE = frozenset(range(0x21, 0x7F)) - {ord('"'), ord("\\")}
+
+
+def loggable_path(target: bytes, uri_mode: bool) -> str:
+    """
+    The request path as the access log shows it: no query string (it
+    carries tokens, e.g. Jupyter's C{?token=}), no authority of an
+    absolute-form target, and in URI mode a signed route's expiry and
+    signature segments replaced by L{REDACTED} (they are credentials), also
+    when they are malformed or the sandbox is open: any fourth segment
+    that resembles a signature.
+    Bytes outside visible ASCII are percent-encoded; a C{%} already in the
+    path is kept as written.
+    """
+    path = origin_form(target).split(b"?", 1)[0].split(b"#", 1)[0]
+    if uri_mode:
+        parts = path.split(b"/", 5)
+        if len(parts) >= 5 and _resembles_signature(parts[4]):
+            parts[3] = parts[4] = REDACTED.encode()
+            path = b"/".join(parts)
+    return loggable_text(path[:LOG_PATH_MAX_CHARS])
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ALNUM = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _resembles_signature(segment: bytes) -> bool:
+    # Not only valid signatures: a mistyped or forged one (uppercase, a
+    # digit short, one wrong character) is as much a credential in the log,
+    # and routing reads it as plain path.  8-10 letters and digits whose
+    # first 8 are hex but at most one: app paths rarely look like that.
+    return (
+        8 <= len(segment) <= 10
+        and all(b in _ALNUM for b in segment)
+        and sum(b not in _HEX for b in segment[:8]) <= 1
+    )
+
+
+def loggable_text(value: bytes) -> str:
+    """
+    C{value} as one field of an access line: visible ASCII but quotes and
+    backslash as is, every other byte percent-encoded.
+    """
+    if all(b in _LOG_SAFE for b in value):
+        return value.decode("ascii")
+    return "".join(chr(b) if b in _LOG_SAFE else f"%{b:02X}" for b in value)

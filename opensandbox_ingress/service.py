@@ -228,6 +228,7 @@ class IngressService(MultiService):
             config.mode == "uri",
             config.ready_wait_s,
             reactor,
+            keep_prefix=config.mode == "uri" and config.uri_keep_prefix,
         )
         options = forward_options(config)
         self.websocket = WebSocketRelay(core, reactor.seconds)
@@ -361,7 +362,7 @@ def _build_core(config: IngressConfig, reactor: Any) -> IngressCore:
         KeyRing(config.secure_access_keys),
         publisher(reactor, config.renew_intent),
         metrics,
-        AccessLog(clock=reactor.seconds, metrics=metrics),
+        AccessLog(clock=reactor.seconds, metrics=metrics, uri_mode=config.mode == "uri"),
     )
 
 

@@ -48,11 +48,13 @@ def test_access_lines_text_and_json() -> None:
     """The direct writer produces the documented text line and JSON object."""
     out = io.StringIO()
     output = LogOutput(out)  # not started: writes through
-    AccessLineWriter(output, "text")("http", "GET", "sbx", 8080, 200, 64, 1.5, "10.0.0.9")
+    AccessLineWriter(output, "text")(
+        "http", "GET", "sbx", 8080, 200, 64, 1.5, "10.0.0.9", "/lab/tree"
+    )
     line = out.getvalue()
     assert line.endswith(
-        "[opensandbox_ingress.access#info] http GET sandbox=sbx port=8080 status=200 "
-        "bytes=64 duration_ms=1.5 client=10.0.0.9\n"
+        "[opensandbox_ingress.access#info] http GET sandbox=sbx port=8080 path=/lab/tree "
+        "status=200 bytes=64 duration_ms=1.5 client=10.0.0.9\n"
     )
     out.seek(0)
     out.truncate()
@@ -62,6 +64,7 @@ def test_access_lines_text_and_json() -> None:
     assert (record["sandbox"], record["status"], record["bytes"], record["client"]) == (
         "sbx", 101, 5, "::1"
     )
+    assert record["path"] == "-"
     assert record["time"].endswith("Z")
 
 

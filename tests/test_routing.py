@@ -240,7 +240,7 @@ def test_parse_uri_route_unsigned(
 ) -> None:
     """/id/port/rest forwards /rest (or /) with the query; the prefix is /id/port."""
     route = parse_uri_route(uri)
-    assert route == Route(sandbox_id, port, path, prefix=prefix)
+    assert route == Route(sandbox_id, port, path, prefix=prefix, whole_path=origin_form(uri))
 
 
 @pytest.mark.parametrize(
@@ -275,7 +275,13 @@ def test_parse_uri_route_rejects(uri: bytes) -> None:
 def test_parse_uri_route_signed_with_fallback() -> None:
     """Signed-looking segments yield the signed route plus an unsigned fallback keeping them."""
     route = parse_uri_route(b"/sb/8080/x2qxvk/614adedea/api/v1?x=1")
-    fallback = Route("sb", 8080, b"/x2qxvk/614adedea/api/v1?x=1", prefix=b"/sb/8080")
+    fallback = Route(
+        "sb",
+        8080,
+        b"/x2qxvk/614adedea/api/v1?x=1",
+        prefix=b"/sb/8080",
+        whole_path=b"/sb/8080/x2qxvk/614adedea/api/v1?x=1",
+    )
     assert route == Route(
         "sb",
         8080,
@@ -283,9 +289,38 @@ def test_parse_uri_route_signed_with_fallback() -> None:
         signed=SignedPart("x2qxvk", "614adedea"),
         prefix=b"/sb/8080/x2qxvk/614adedea",
         unsigned_fallback=fallback,
+        whole_path=b"/sb/8080/api/v1?x=1",
     )
     assert route.for_sandbox(True) is route
     assert route.for_sandbox(False) == fallback
+
+
+@pytest.mark.parametrize(
+    ("uri", "secure", "kept"),
+    [
+        (b"/sb/8080/api?x=1", False, b"/sb/8080/api?x=1"),
+        (b"/sb/8080", False, b"/sb/8080"),
+        (b"/sb/8080/", True, b"/sb/8080/"),
+        (b"http://h/sb/8080/a?q", False, b"/sb/8080/a?q"),
+        (b"/sb/8080/x2qxvk/614adedea/api?x=1", True, b"/sb/8080/api?x=1"),
+        (b"/sb/8080/x2qxvk/614adedea", True, b"/sb/8080"),
+        (b"/sb/8080/x2qxvk/614adedea/api", False, b"/sb/8080/x2qxvk/614adedea/api"),
+    ],
+)
+def test_for_sandbox_keeping_prefix(uri: bytes, secure: bool, kept: bytes) -> None:
+    """--uri-keep-prefix forwards the whole path, less the signed segments of a secure sandbox."""
+    route = parse_uri_route(uri).for_sandbox(secure, keep_prefix=True)
+    assert (route.path, route.prefix_kept) == (kept, True)
+    default = parse_uri_route(uri).for_sandbox(secure)
+    assert route.prefix == default.prefix
+    # The app wrote its Location with the prefix already: no rebase.
+    assert (route.location_prefix, default.location_prefix) == (b"", default.prefix)
+
+
+def test_for_sandbox_keeping_prefix_leaves_header_routes() -> None:
+    """A header-mode route has no prefix to keep: its path is unchanged."""
+    route = parse_header_route(None, None, b"sb-8080.x", b"/p?q").for_sandbox(False, keep_prefix=True)
+    assert (route.path, route.prefix_kept) == (b"/p?q", False)
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ class Decider:
     Reactor thread only.
     """
 
-    __slots__ = ("registry", "keys", "uri_mode", "ready_wait_s", "clock")
+    __slots__ = ("registry", "keys", "uri_mode", "ready_wait_s", "clock", "keep_prefix")
 
     def __init__(
         self,
@@ -59,12 +59,15 @@ class Decider:
         uri_mode: bool,
         ready_wait_s: float,
         clock: IReactorTime,
+        keep_prefix: bool = False,
     ) -> None:
         self.registry = registry
         self.keys = keys
         self.uri_mode = uri_mode
         self.ready_wait_s = ready_wait_s
         self.clock = clock
+        #: C{--uri-keep-prefix}: admitted URI-mode routes forward the whole path.
+        self.keep_prefix = keep_prefix
 
     def route(
         self,
@@ -101,7 +104,7 @@ class Decider:
             credentials are checked before readiness).
         """
         record = self.registry.lookup(route.sandbox_id)
-        route = route.for_sandbox(record.secure_access_token is not None)
+        route = route.for_sandbox(record.secure_access_token is not None, self.keep_prefix)
         check_access(
             record.secure_access_token,
             secure,

@@ -276,7 +276,7 @@ class Exchange:
         if not self.persistent:
             lines.append(b"Connection: close\r\n")
         for name, value in response_fields(
-            response.headers, response.listed, self.route.prefix, http_date(self.channel.now())
+            response.headers, response.listed, self.route.location_prefix, http_date(self.channel.now())
         ):
             lines += (name, b": ", value, b"\r\n")
         framing = response.framing
@@ -510,6 +510,7 @@ class Exchange:
             0 if self.head.method == b"HEAD" else self._sent,
             self.started,
             self.channel.client,
+            target=self.head.target,
         )
 
 

@@ -111,7 +111,7 @@ class ForwardOptions:
     config (L{forward_options}) and passed to L{forward_request_fields}.
 
     @ivar preserve_host: the backend gets the client's C{Host} instead of
-        the sandbox's address (no flag sets it yet).
+        the sandbox's address (C{--preserve-host}).
     """
 
     preserve_host: bool = False
@@ -123,7 +123,7 @@ DEFAULT_OPTIONS = ForwardOptions()
 
 def forward_options(config: Any) -> ForwardOptions:
     """The rewrite choices of C{config} (an L{IngressConfig})."""
-    return ForwardOptions(preserve_host=bool(getattr(config, "preserve_host", False)))
+    return ForwardOptions(preserve_host=config.preserve_host)
 
 
 _authorities: dict[tuple[str, int], bytes] = {}

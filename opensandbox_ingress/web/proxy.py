@@ -245,6 +245,7 @@ class Proxy:
             len(error.body()),
             started,
             client_ip(request),
+            target=local_uri(request),
         )
 
 
@@ -447,7 +448,7 @@ class _Exchange:
         for name, value in response_fields(
             [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values],
             connection_tokens(getattr(response, "connection_header", None)),
-            self._res.route.prefix,
+            self._res.route.location_prefix,
             None,
         ):
             out.addRawHeader(name, value)
@@ -533,6 +534,7 @@ class _Exchange:
             request.sentLength,
             self._started,
             client_ip(request),
+            target=local_uri(request),
         )
 
 

@@ -355,6 +355,7 @@ class ProxyServerChannel(Protocol):
             len(error.body()),
             started,
             self.client,
+            target=head.target,
         )
 
     def _health(self, head: PlainHead) -> None:

@@ -47,6 +47,7 @@ from ...errors import WebSocketHandshakeInvalid, WebSocketUpstreamRefused
 from ._handshake import (
     backend_header_lines,
     check_client_handshake,
+    extension_names,
     returned_headers,
     session_end_reason,
     subprotocol_offers,
@@ -65,6 +66,7 @@ __all__ = [
     "WebSocketRelay",
     "WebSocketUpstreamRefused",
     "backend_header_lines",
+    "extension_names",
     "check_client_handshake",
     "returned_headers",
     "session_end_reason",

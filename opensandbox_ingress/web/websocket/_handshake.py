@@ -6,7 +6,7 @@ session must end when its sandbox changes.  No reactor, no sockets.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.web.http_headers import Headers
 
@@ -150,3 +150,18 @@ def _text(value: bytes) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return value.decode("latin-1")
+
+
+def extension_names(hop: Any) -> str:
+    """The WebSocket extensions C{hop} negotiated, by name (C{-}: none)."""
+    in_use = getattr(hop, "websocket_extensions_in_use", None) or []
+    return ",".join(ext.EXTENSION_NAME for ext in in_use) or "-"
+
+
+def with_host_line(head: bytes, host: bytes) -> bytes:
+    """C{head} (an HTTP request head) with its C{Host} line's value replaced by C{host}."""
+    start = head.find(b"\r\nHost: ")
+    if start == -1:
+        return head
+    start += len(b"\r\nHost: ")
+    return head[:start] + host + head[head.index(b"\r\n", start) :]

@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._handshake import with_host_line
+
 if TYPE_CHECKING:
     from ._session import Session
 
@@ -513,6 +515,15 @@ class BackendHop(Hop, WebSocketClientProtocol):  # type: ignore[misc]
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         return self.session.backend_request()
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn always writes "Host: {host}:{port}" (a client Host
+        # without a port cannot be expressed), so --preserve-host swaps
+        # that one line of the handshake it built.
+        host = self.session.host_header
+        if host is not None and data is getattr(self, "http_request_data", None):
+            data = self.http_request_data = with_host_line(data, host)
+        super().sendData(data, sync, chopsize)
 
     def onOpen(self) -> None:
         self.session.backend_open(self)

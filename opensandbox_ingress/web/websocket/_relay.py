@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from ...errors import IngressError, SandboxNotFound, ShuttingDown, WebSocketUpstreamUnreachable
+from ..forwarding import forward_options
 from ..pool import client_endpoint
 from ..proxy import Resolution
 from ._client_hop import ClientHop
@@ -51,6 +52,8 @@ class WebSocketRelay:
         self.clock = clock
         config = core.config
         self._uri_mode = config.mode == "uri"
+        #: The request rewrite's choices, for the backend handshake.
+        self.forward_options = forward_options(config)
         self._connect_timeout = config.upstream_connect_timeout_s
         handshake_timeout = config.upstream_connect_timeout_s + HANDSHAKE_MARGIN_S
         ping = config.websocket_ping_interval_s

@@ -22,13 +22,15 @@ from ...errors import (
     WebSocketUpstreamUnreachable,
 )
 from ...framing import FramingError, parse_upgrade_response
+from ...routing import loggable_path, loggable_text
 from ..errors import render_error
 from ..forwarding import POWERED_BY, describe_failure
-from ..proxy import Resolution, client_ip, forward_request_headers
+from ..proxy import Resolution, client_ip, forward_request_headers, local_uri
 from ._client_hop import ClientHop
 from ._handshake import (
     REFUSAL_HEADERS,
     backend_header_lines,
+    extension_names,
     returned_headers,
     subprotocol_offers,
 )
@@ -86,6 +88,8 @@ class Session:
         self.endpoint = resolution.endpoint
         self.path = route.path
         self.request_uri = relay.request_uri(route)
+        #: The client's request target, for the access line.
+        self.target = local_uri(request)
         self.started = started
         self.client_ip = client_ip(request)
         self.state = _DIALING
@@ -96,9 +100,15 @@ class Session:
         self.subprotocol: str | None = None
         self.response_headers: dict[str, list[str]] = {}
         self._offers = subprotocol_offers(request.requestHeaders)
+        options = relay.forward_options
         self._lines = backend_header_lines(
-            forward_request_headers(request, resolution.endpoint, route)
+            forward_request_headers(request, resolution.endpoint, route, options)
         )
+        #: The client's Host for the backend handshake (C{--preserve-host}).
+        client_host = (
+            request.requestHeaders.getRawHeaders(b"host") if options.preserve_host else None
+        )
+        self.host_header: bytes | None = client_host[0] if client_host else None
         self._connecting: Deferred[Any] | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -186,6 +196,7 @@ class Session:
             self.started,
             self.client_ip,
             kind="ws",
+            target=self.target,
         )
 
     def _backend_failed(self, hop: BackendHop) -> None:
@@ -381,7 +392,9 @@ class Session:
             if hop is not None:
                 hop.partner = None
         _access_log.info(
-            "ws GET sandbox={sandbox} port={port} status=101 "
+            "ws GET sandbox={sandbox} port={port} path={path} status=101 "
+            "subprotocol={subprotocol} extensions={extensions} "
+            "upstream_extensions={upstream_extensions} "
             "bytes_in={bytes_in} bytes_out={bytes_out} frames_in={frames_in} "
             "frames_out={frames_out} close_code={close_code} closed_by={closed_by} "
             "duration_ms={duration_ms} client={client}",
@@ -390,6 +403,12 @@ class Session:
             status=101,
             sandbox=self.sandbox_id,
             port=self.port,
+            path=loggable_path(self.target, self.relay.core.access_log.uri_mode),
+            # What each hop negotiated, as Autobahn holds it (the offers
+            # and the backend's choice are untrusted text: made loggable).
+            subprotocol=loggable_text(self.subprotocol.encode()) if self.subprotocol else "-",
+            extensions=extension_names(self.client),
+            upstream_extensions=extension_names(self.backend),
             bytes_in=self.bytes_up,
             bytes_out=self.bytes_down,
             frames_in=self.frames_up,
