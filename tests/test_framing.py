@@ -515,3 +515,20 @@ def test_upgrade_answer_is_parsed_and_checked(head: bytes, expected: tuple[int, 
         return
     assert isinstance(parsed, ResponseHead)
     assert (parsed.status, parsed.framing, len(parsed.headers)) == expected
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("after", "clean"),
+    [(b"", True), (b"\r\n", True), (b"\n\r\n", True), (b"\r\nX", False), (b"0", False)],
+)
+def test_what_follows_a_response_in_the_same_read(impl: str, after: bytes, clean: bool) -> None:
+    """
+    Empty lines after a complete response in the same read are skipped
+    (llhttp skips them between messages; h11 is made to agree); any other
+    byte means the connection is not reused.  (Found by the differential
+    test: b"0\\r\\n" as a 3-byte body, then CRLF.)
+    """
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n0\r\n" + after
+    got = outcome(parse_response(raw, impl, b"GET", eof=False))
+    assert got[-1] == ("end", clean), got

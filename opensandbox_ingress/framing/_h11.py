@@ -267,8 +267,12 @@ class H11ResponseParser:
                 elif isinstance(event, h11.EndOfMessage):
                     self._complete = True
                     rest, _closed = conn.trailing_data
-                    events.append(EndOfMessage(clean=not rest))
-                    if rest:
+                    # Empty lines (CR, LF) in the same read after the
+                    # response are skipped, as llhttp skips them between
+                    # messages; any other byte taints the connection.
+                    clean = not bytes(rest).strip(b"\r\n")
+                    events.append(EndOfMessage(clean=clean))
+                    if not clean:
                         self._dead = True
                     break
                 else:  # ConnectionClosed before the end
