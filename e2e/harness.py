@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
+
+from tests.processes import free_port, poll
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,23 +47,9 @@ SANDBOX = "nb"
 TOKEN = "e2e-token-0123456789"
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """Call C{predicate} until it is truthy or C{timeout} seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return poll(predicate, timeout, what, interval=0.05)
 
 
 def http_status(url: str, headers: dict[str, str] | None = None) -> int:
