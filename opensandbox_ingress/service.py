@@ -31,10 +31,10 @@ from .web.admin import AdminResource, AdminSite
 from .web.decision import Decider
 from .web.forwarding import forward_options
 from .web.health import IngressResource
+from .web.pool import BackendPool
 from .web.proxy import Proxy
 from .web.server import ProxyServerFactory
 from .web.site import IngressSite
-from .web.upstream import UpstreamClient
 from .web.websocket import WebSocketRelay
 
 
@@ -219,8 +219,8 @@ class IngressService(MultiService):
         #: Re-reads C{--secure-access-keys-file}, if given; loaded now, so a
         #: broken file stops the start with a L{ConfigError}.
         self.keys_watcher = keys_watcher_for(config, core.secure_access_keys, reactor)
-        #: The backend client and its pools (per sandbox generation).
-        self.upstream = UpstreamClient(reactor, config.upstream_connect_timeout_s)
+        #: The one backend client: connections pooled per sandbox generation.
+        self.upstream = BackendPool(reactor, config.upstream_connect_timeout_s)
         #: The one routing decision of both front-ends.
         self.decider = Decider(
             core.registry,
@@ -248,7 +248,7 @@ class IngressService(MultiService):
             self.keys_watcher.setServiceParent(self)
         #: What the proxy listeners serve: the fast path, in front of C{site}.
         self.factory = ProxyServerFactory(
-            core, self.site, self.decider, self.upstream.fast, options
+            core, self.site, self.decider, self.upstream, options
         )
         self.listeners = _Listeners(reactor, config.listen, self.factory)
         self.listeners.setServiceParent(self)
@@ -265,7 +265,7 @@ class IngressService(MultiService):
         # A changed or vanished sandbox's pooled sockets may point at an
         # address that now belongs to someone else.
         if new is None or new.generation != old.generation or new.endpoint != old.endpoint:
-            self.upstream.forget_generation(old.generation or old.name)
+            self.upstream.drop_generation(old.generation or old.name)
         self.websocket.sandbox_changed(old, new)
 
     @property
@@ -326,7 +326,7 @@ class IngressService(MultiService):
             # Finished responses may still sit in send buffers: close the
             # connections and let them flush, within the same deadline.
             await self._within(self.factory.close_connections(), deadline)
-        await self.upstream.close()
+        self.upstream.close()
         # The remaining children (source, publisher) stop in reverse order.
         Service.stopService(self)
         stops = [

@@ -211,6 +211,30 @@ def forward_request_fields(
     return out
 
 
+#: Methods whose empty body is announced with C{Content-Length: 0}.
+_EMPTY_BODY_CL = frozenset({b"PUT", b"POST"})
+
+
+def request_head(method: bytes, path: bytes, length: int | None, fields: HeaderPairs) -> bytes:
+    """
+    The request head the backend receives: C{fields} (from
+    L{forward_request_fields}) framed by C{length} (C{None}: a chunked
+    body of unknown length; 0: no body, C{Content-Length: 0} for C{PUT}
+    and C{POST}).
+    """
+    lines = [method, b" ", path, b" HTTP/1.1\r\n"]
+    if length:
+        lines.append(b"Content-Length: %d\r\n" % length)
+    elif length is None:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    elif method in _EMPTY_BODY_CL:
+        lines.append(b"Content-Length: 0\r\n")
+    for name, value in fields:
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 def rebase_location(location: bytes, prefix: bytes) -> bytes:
     """
     URI mode: put a root-relative redirect (C{/x}) under the route's prefix;

@@ -1,15 +1,20 @@
 """
-Backend connections for the fast path, pooled per sandbox generation.
+The one backend client: connections pooled per sandbox generation, used
+by both HTTP front-ends (the proxy listener's exchanges and the
+C{twisted.web} resource's), and the one endpoint builder (also the
+WebSocket relay's dial).
 
 L{BackendConnection} writes requests and frames responses with the framing
 layer, feeding the events to the exchange attached to it (any object with
 the L{ConnectionUser} methods); L{BackendPool} keeps idle connections by
 (sandbox generation, host, port) and dials new ones.
 
-Pod addresses are recycled, so a connection is only reused for the same
-incarnation of the same sandbox; L{BackendPool.drop_generation} closes a
-changed or vanished sandbox's idle connections, and a retired generation
-(shared with the C{twisted.web} client's pool) is never pooled again.
+Twisted's own C{HTTPConnectionPool} keys connections by (scheme, host,
+port); pod addresses are recycled, so that key would hand one sandbox's
+idle socket to the next sandbox given the same address.  Here a connection
+is only reused for the same incarnation of the same sandbox;
+L{BackendPool.drop_generation} closes a changed or vanished sandbox's idle
+connections, and a retired generation is never pooled again.
 
 Ownership: reactor thread only.
 """
@@ -17,7 +22,7 @@ Ownership: reactor thread only.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Container
+from collections import OrderedDict
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -40,6 +45,11 @@ READ_SIZE = 1 << 16 if PYPY else 1 << 18
 #: Seconds an idle pooled connection is kept, and the most kept per key.
 POOLED_IDLE_S = 60.0
 MAX_IDLE_PER_KEY = 32
+
+#: How many recently dropped generations are remembered, so that a request
+#: still in flight when its sandbox changed does not return its connection
+#: to the pool.
+RETIRED_GENERATIONS = 4096
 
 PoolKey = tuple[str, str, int]
 
@@ -263,13 +273,11 @@ class BackendPool:
     out of the pool.
     """
 
-    def __init__(
-        self, reactor: Any, connect_timeout_s: float, retired: Container[str] = ()
-    ) -> None:
+    def __init__(self, reactor: Any, connect_timeout_s: float) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout_s
-        #: Retired generations (shared with the C{twisted.web} pool).
-        self._retired = retired
+        #: Generations never pooled again (L{drop_generation}), oldest first.
+        self._retired: OrderedDict[str, None] = OrderedDict()
         self._idle: dict[PoolKey, list[BackendConnection]] = {}
         self._keys_by_generation: dict[str, set[PoolKey]] = {}
         self._families: dict[str, int] = {}
@@ -365,7 +373,14 @@ class BackendPool:
             self._sweeper = None
 
     def drop_generation(self, generation: str) -> None:
-        """Close the idle connections of C{generation}."""
+        """
+        Close the idle connections of C{generation} and never pool its
+        connections again (those still busy close when their exchange ends).
+        """
+        retired = self._retired
+        retired[generation] = None
+        if len(retired) > RETIRED_GENERATIONS:
+            retired.popitem(last=False)
         for key in self._keys_by_generation.pop(generation, ()):
             for conn in self._idle.pop(key, []):
                 conn._connected = False
@@ -377,7 +392,7 @@ class BackendPool:
         return sum(len(c) for c in self._idle.values())
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (the service is stopping)."""
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None

@@ -53,7 +53,6 @@ from ..framing import (
     request_parser,
 )
 from .decision import HEALTH_PATH, Decider, is_health
-from .exchange import Exchange
 from .forwarding import (
     DEFAULT_OPTIONS,
     ForwardOptions,
@@ -62,6 +61,7 @@ from .forwarding import (
 )
 from .heads import PlainHead, canonical_head, plain_head
 from .pool import READ_SIZE, BackendPool
+from .server_exchange import Exchange
 from .site import DRAIN_LIMIT_BYTES
 from .wire import http_date, send
 
