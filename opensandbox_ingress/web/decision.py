@@ -18,7 +18,7 @@ Per request (reactor thread only)::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -39,6 +39,24 @@ def is_health(target: bytes) -> bool:
     if not target.startswith(HEALTH_PATH):
         return False
     return target[len(HEALTH_PATH) : len(HEALTH_PATH) + 1] in (b"", b"?")
+
+
+class Resolution(NamedTuple):
+    """
+    The decision for a request the ingress forwards: its route, read as
+    it applies to the sandbox, and the sandbox's record (ready or not:
+    see L{ready} and L{Decider.hold}).
+    """
+
+    route: Route
+    record: SandboxRecord
+
+    @property
+    def endpoint(self) -> str:
+        """The ready record's endpoint."""
+        endpoint = self.record.endpoint
+        assert endpoint is not None
+        return endpoint
 
 
 class Decider:
@@ -96,7 +114,9 @@ class Decider:
         """
         Look up C{route}'s sandbox and check the client may reach it: the
         reading of the route that applies to the sandbox, and its record,
-        which may not be ready (see L{ready} and L{hold}).
+        which may not be ready (see L{ready} and L{hold}).  (A plain
+        pair, not a L{Resolution}: this is the proxy listener's per-request
+        path, where building the named tuple costs about 1% of a request.)
 
         @param secure: every C{OpenSandbox-Secure-Access} value, or None.
         @raise IngressError: the sandbox is unknown (or the registry not
@@ -115,6 +135,22 @@ class Decider:
             self.clock.seconds(),
         )
         return route, record
+
+    def resolve(
+        self, route: Route, secure: Sequence[bytes] | None
+    ) -> Resolution | Deferred[Resolution]:
+        """
+        The whole decision for C{route}: L{admit}, then, for a sandbox not
+        ready yet, L{hold} (a Deferred of the resolution with the ready
+        record; cancel it when the client leaves).
+
+        @raise IngressError: as L{admit} and L{hold} do; the Deferred fails
+            with L{SandboxNotReady} at the C{--ready-wait} deadline.
+        """
+        route, record = self.admit(route, secure)
+        if ready(record):
+            return Resolution(route, record)
+        return self.hold(route, record).addCallback(lambda new: Resolution(route, new))
 
     def renew_uri(self, route: Route) -> str:
         """The renew intent's C{request_uri}: the forwarded path in URI mode, else empty."""

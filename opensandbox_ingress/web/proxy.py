@@ -26,10 +26,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from .. import routing
 from ..errors import IngressError, UpstreamUnreachable
-from ..registry import SandboxRecord
 from ..routing import Route
 from ..secure_access import SECURE_ACCESS_HEADER
-from .decision import Decider, ready
+from .decision import Decider, Resolution
 from .errors import render_error
 from .forwarding import DEFAULT_OPTIONS, ForwardOptions, connection_tokens
 from .pool import BackendPool
@@ -68,20 +67,6 @@ class ProxyResource(Resource):
     def render(self, request: Request) -> Any:
         self._proxy.handle(request)
         return NOT_DONE_YET
-
-
-class Resolution:
-    """
-    The outcome of routing one request: route, record and endpoint.
-    Shared by the HTTP and WebSocket paths.
-    """
-
-    __slots__ = ("route", "record", "endpoint")
-
-    def __init__(self, route: Route, record: SandboxRecord, endpoint: str) -> None:
-        self.route = route
-        self.record = record
-        self.endpoint = endpoint
 
 
 class Proxy:
@@ -128,24 +113,18 @@ class Proxy:
         self, request: Request, route: Route
     ) -> Resolution | Deferred[Resolution]:
         """
-        Look up and authorise C{request} for C{route}.  Returns the
-        resolution, or a Deferred of it when the request waits for its
-        sandbox to become ready; raises (or fails with) an L{IngressError}.
+        The decision for C{request} on C{route} (L{Decider.resolve}): the
+        resolution, or a Deferred of it while the sandbox is not ready,
+        cancelled if the client leaves; raises (or fails with) an
+        L{IngressError}.
         """
-        route, record = self.decider.admit(
+        resolution = self.decider.resolve(
             route, request.requestHeaders.getRawHeaders(SECURE_ACCESS_HEADER)
         )
-        if ready(record):
-            assert record.endpoint is not None
-            return Resolution(route, record, record.endpoint)
-        waiting = self.decider.hold(route, record)
-        request.notifyFinish().addErrback(lambda _: waiting.cancel())
-
-        def held(new: SandboxRecord) -> Resolution:
-            assert new.endpoint is not None
-            return Resolution(route, new, new.endpoint)
-
-        return waiting.addCallback(held)
+        if isinstance(resolution, Deferred):
+            waiting = resolution
+            request.notifyFinish().addErrback(lambda _: waiting.cancel())
+        return resolution
 
     # -- request entry --------------------------------------------------------
 
