@@ -80,8 +80,8 @@ BACKEND_PING_S = 1.0
 #: Shorter than the Redis outage, so that busy sandboxes are owed an intent
 #: when Redis comes back.
 RENEW_INTERVAL_S = 30.0
-#: The ingress's upstream pool keeps idle connections this long (pool.py,
-#: upstream.py POOLED_IDLE_S).
+#: The ingress's backend pool keeps idle connections this long (pool.py
+#: POOLED_IDLE_S).
 POOL_RETENTION_S = 60.0
 #: The file provider polls the file every second; states are judged with slack.
 RELOAD_SLACK_S = 3.0
