@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.logger import globalLogPublisher
 
 from opensandbox_ingress.web.websocket import _hop
 from tests.helpers import start_ingress, wait_until
@@ -103,5 +104,44 @@ async def test_silent_partner_cannot_hold_a_failing_session(
         assert client.closed[1] == 1002
         await wait_until(lambda: not service.websocket.sessions, what="session finished")
     finally:
+        await service.stopService()
+        await backend.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_after_the_clients_close_is_dropped_quietly(tmp_path: Path) -> None:
+    """
+    The client closes; the backend, told by the relay's close, sends one
+    more message before its close reply.  That message has nowhere to go
+    (the client hop is closing): it is dropped, both hops close cleanly and
+    nothing is logged as an error (Autobahn raises when a whole message is
+    sent to a hop that is not open).
+    """
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    service, backend, client, peer, session = await _open(tmp_path)
+    try:
+        original = peer.onCloseFrame
+
+        def last_word(code: int | None, reason: Any) -> Any:
+            # Before the close reply: a data frame the client can no longer get.
+            peer.sendMessage(b"too late", isBinary=True)
+            return original(code, reason)
+
+        peer.onCloseFrame = last_word
+        client.sendClose(code=1000)
+        await wait_until(lambda: client.closed and peer.closed, timeout=10, what="both closed")
+        await wait_until(lambda: not service.websocket.sessions, what="session finished")
+        assert client.closed[0] is True and client.closed[1] == 1000
+        assert peer.closed[0] is True and peer.closed[1] == 1000
+        assert client.messages == []
+        assert failures == []
+    finally:
+        globalLogPublisher.removeObserver(observe)
         await service.stopService()
         await backend.stop()

@@ -227,7 +227,11 @@ class Hop:
         collecting, self.collecting = self.collecting, None
         if peer is not None:
             if collecting is not None:
-                peer.sendMessage(b"".join(collecting), self.message_binary)
+                # Autobahn raises on a whole message to a hop that is closing
+                # or closed (its frame-by-frame calls return quietly): a
+                # message that arrives after the peer's close is dropped.
+                if peer.state == peer.STATE_OPEN:
+                    peer.sendMessage(b"".join(collecting), self.message_binary)
             else:
                 peer.endMessage()
             self._flush_peer_close()
