@@ -44,9 +44,11 @@ def test_forwarded_answered_and_refused_requests_leave_one_line_each(tmp_path: P
     client.send(b"GET /z HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")  # two Hosts: refused
     assert client.statuses() == [200, 404, 400, 400]
 
-    lines = [line.split("[opensandbox_ingress.access#info] ", 1)[1] for line in out.getvalue().splitlines()]
+    prefix = "[opensandbox_ingress.access#info] "
+    lines = [line.split(prefix, 1)[1] for line in out.getvalue().splitlines()]
     assert lines[0] == (
-        "http GET sandbox=sbx port=8080 path=/x status=200 bytes=2 duration_ms=250.0 client=192.0.2.7"
+        "http GET sandbox=sbx port=8080 path=/x status=200 bytes=2 duration_ms=250.0 "
+        "client=192.0.2.7"
     )
     assert lines[1].startswith("http GET sandbox=nope port=8080 path=/y status=404 bytes=")
     assert lines[2].startswith("http GET sandbox=- port=0 path=/w status=400 bytes=")

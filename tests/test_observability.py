@@ -153,7 +153,8 @@ def _through_sink(fmt: str) -> tuple[str, list[tuple[str, int, float]]]:
     out = io.StringIO()
     metrics = _Metrics()
     events: list[dict[str, Any]] = []
-    log = AccessLog(Logger(namespace=ACCESS_NAMESPACE, observer=events.append), clock=lambda: 12.5, metrics=metrics)
+    logger = Logger(namespace=ACCESS_NAMESPACE, observer=events.append)
+    log = AccessLog(logger, clock=lambda: 12.5, metrics=metrics)
     log.sink = AccessLineWriter(LogOutput(out), fmt)
     _session(log)
     assert events == [], "a sink replaces the twisted.logger event"
@@ -161,7 +162,7 @@ def _through_sink(fmt: str) -> tuple[str, list[tuple[str, int, float]]]:
 
 
 def test_session_line_through_the_sink_is_written_once_and_counted() -> None:
-    """A WebSocket session reaches the sink once, as the documented line, and the metrics as ws 101."""
+    """A WebSocket session reaches the sink once, as the documented line, and metrics as ws 101."""
     text, seen = _through_sink("text")
     assert text.count("\n") == 1
     assert text.endswith(f" [opensandbox_ingress.access#info] {SESSION_MESSAGE}\n")
@@ -203,7 +204,8 @@ def test_session_with_the_access_log_off_is_still_counted() -> None:
     """With the lines off (log level above info) a session still reaches the metrics."""
     metrics = _Metrics()
     events: list[dict[str, Any]] = []
-    log = AccessLog(Logger(namespace=ACCESS_NAMESPACE, observer=events.append), clock=lambda: 11.0, metrics=metrics)
+    logger = Logger(namespace=ACCESS_NAMESPACE, observer=events.append)
+    log = AccessLog(logger, clock=lambda: 11.0, metrics=metrics)
     log.sink = False
     _session(log)
     assert events == []

@@ -67,7 +67,8 @@ def ws_count(samples: Samples, status_class: str) -> float:
 
 
 def ws_durations(samples: Samples) -> float:
-    return samples.get(("opensandbox_ingress_request_duration_seconds_count", (("kind", "ws"),)), 0.0)
+    key = ("opensandbox_ingress_request_duration_seconds_count", (("kind", "ws"),))
+    return samples.get(key, 0.0)
 
 
 @pytest_twisted.ensureDeferred
@@ -117,7 +118,8 @@ async def test_session_and_refused_upgrade_reach_metrics_and_the_sink_once(
     session, refused = out.getvalue().splitlines()
     assert session.count("[opensandbox_ingress.access#info] ws GET sandbox=sbx ") == 1
     assert f"port={ws_backend.port_number} path=/chan status=101 " in session
-    assert " bytes_in=100 bytes_out=100 frames_in=1 frames_out=1 close_code=1000 closed_by=client " in session
+    assert " bytes_in=100 bytes_out=100 frames_in=1 frames_out=1 " in session
+    assert " close_code=1000 closed_by=client " in session
     assert "s3" not in session
     assert " ws GET sandbox=sbx " in refused and " path=/gone status=503 bytes=" in refused
 

@@ -432,9 +432,8 @@ class Exchange:
             upstream.release(False)
         self.core.request_finished()
         head = self.head
-        self.channel.log_request(
-            head, self.route, CLIENT_CLOSED, 0 if head.method == b"HEAD" else self._sent, self.started
-        )
+        sent = 0 if head.method == b"HEAD" else self._sent
+        self.channel.log_request(head, self.route, CLIENT_CLOSED, sent, self.started)
 
     # -- timers ---------------------------------------------------------------
 

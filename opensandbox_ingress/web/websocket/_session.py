@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 #: Access-log status of a session whose client left before the upgrade.
 CLIENT_GONE_STATUS = 499
 
+
 def _resource(path: bytes) -> str:
     # The request target as Autobahn will write it (as C{_handshake._text} does); bytes
     # that are not UTF-8 are percent-encoded so the target stays one line
