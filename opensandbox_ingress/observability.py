@@ -32,7 +32,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from . import buildinfo
-from .routing import loggable_path
+from .routing import loggable_path, loggable_text
 
 if TYPE_CHECKING:
     from .config import IngressConfig
@@ -323,15 +323,59 @@ class AccessLineWriter:
         else:
             self._output.write(f"{_classic_time(now)} [{ACCESS_NAMESPACE}#info] {message}\n")
 
+    def session(self, fields: dict[str, Any]) -> None:
+        """
+        Write one WebSocket session's end line: C{fields} are the event
+        fields L{AccessLog.session} builds, in the order the line shows them.
+        """
+        message = SESSION_FORMAT.format(**fields)
+        now = time.time()
+        if self._json:
+            record: dict[str, Any] = {
+                "time": _rfc3339(now),
+                "level": "info",
+                "namespace": ACCESS_NAMESPACE,
+                "message": message,
+            }
+            record.update(fields)
+            self._output.write(json.dumps(record, separators=(",", ":")) + "\n")
+        else:
+            self._output.write(f"{_classic_time(now)} [{ACCESS_NAMESPACE}#info] {message}\n")
+
 
 ACCESS_NAMESPACE = "opensandbox_ingress.access"
+
+#: A finished request's line (and a WebSocket request refused before its
+#: upgrade, with kind C{ws}).
+REQUEST_FORMAT = (
+    "{kind} {method} sandbox={sandbox} port={port} path={path} status={status} "
+    "bytes={bytes} duration_ms={duration_ms} client={client}"
+)
+
+#: A WebSocket session's end line, after its 101: what each hop negotiated
+#: and what crossed in each direction instead of one byte count.
+SESSION_FORMAT = (
+    "{kind} {method} sandbox={sandbox} port={port} path={path} status={status} "
+    "subprotocol={subprotocol} extensions={extensions} "
+    "upstream_extensions={upstream_extensions} "
+    "bytes_in={bytes_in} bytes_out={bytes_out} frames_in={frames_in} "
+    "frames_out={frames_out} close_code={close_code} closed_by={closed_by} "
+    "duration_ms={duration_ms} client={client}"
+)
+
+#: The status a WebSocket session is logged and counted with: its 101.
+SESSION_STATUS = 101
 
 
 class AccessLog:
     """
-    One line per finished request; never carries header values (tokens,
-    cookies).  By default the line is a C{twisted.logger} event (so an
-    embedding program's observers see it); the twistd plugin installs an
+    The one exit of every finished exchange: a plain request, a request
+    refused or answered by the ingress, a WebSocket request refused before
+    its upgrade (L{request}) and a WebSocket session after its 101
+    (L{session}).  Each is counted in the request metrics and written as
+    one line that never carries header values (tokens, cookies).  By
+    default the line is a C{twisted.logger} event (so an embedding
+    program's observers see it); the twistd plugin installs an
     L{AccessLineWriter} as C{sink} instead, which skips building an event
     per request (the access log was a third of the per-request CPU).
     """
@@ -349,8 +393,9 @@ class AccessLog:
         self.uri_mode = uri_mode
         #: An L{IngressMetrics}, told about every finished request too.
         self._metrics = metrics
-        #: When set, called with the line's fields instead of logging an event;
-        #: C{False} turns the access log off (log level above info).
+        #: When set (an L{AccessLineWriter}, or anything with its call and
+        #: C{session}), given the line's fields instead of logging an event;
+        #: C{False} turns the lines off (log level above info).
         self.sink: Any = None
 
     def request(
@@ -390,8 +435,7 @@ class AccessLog:
                 )
             return
         self._log.info(
-            "{kind} {method} sandbox={sandbox} port={port} path={path} status={status} "
-            "bytes={bytes} duration_ms={duration_ms} client={client}",
+            REQUEST_FORMAT,
             kind=kind,
             method=method.decode("latin-1"),
             sandbox=sandbox,
@@ -402,6 +446,65 @@ class AccessLog:
             duration_ms=round(duration * 1000, 1),
             client=client,
         )
+
+    def session(
+        self,
+        sandbox: str,
+        port: int,
+        started: float,
+        client: str,
+        target: bytes,
+        *,
+        subprotocol: str | None,
+        extensions: str,
+        upstream_extensions: str,
+        bytes_in: int,
+        bytes_out: int,
+        frames_in: int,
+        frames_out: int,
+        close_code: int | None,
+        closed_by: str,
+    ) -> None:
+        """
+        Log (and count, as kind C{ws}, status 101) one WebSocket session
+        that ended after its upgrade (C{started} from the same clock).
+        C{subprotocol} is the backend's choice, untrusted text (written
+        loggable); C{extensions} and C{upstream_extensions} are the
+        extension names each hop negotiated (C{-} for none); C{bytes_*}
+        and C{frames_*} count message payload and frames toward the
+        backend (in) and toward the client (out).
+        """
+        duration = self._clock() - started
+        if self._metrics is not None:
+            self._metrics.observe_request("ws", SESSION_STATUS, duration)
+        sink = self.sink
+        if sink is False:
+            return
+        # The event's fields, in the order the line shows them (a JSON line
+        # keeps this order); the same for the sink and for twisted.logger.
+        fields: dict[str, Any] = {
+            "kind": "ws",
+            "method": "GET",
+            "status": SESSION_STATUS,
+            "sandbox": sandbox,
+            "port": port,
+            "path": loggable_path(target, self.uri_mode) if target else "-",
+            "subprotocol": loggable_text(subprotocol.encode()) if subprotocol else "-",
+            "extensions": extensions,
+            "upstream_extensions": upstream_extensions,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "frames_in": frames_in,
+            "frames_out": frames_out,
+            "close_code": close_code if close_code is not None else "-",
+            "closed_by": closed_by,
+            "duration_ms": round(duration * 1000, 1),
+            "client": client,
+        }
+        if sink is not None:
+            sink.session(fields)
+            return
+        self._log.info(SESSION_FORMAT, **fields)
 
 
 def install_access_log(service: IngressService, config: IngressConfig, output: Any) -> None:

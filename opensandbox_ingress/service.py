@@ -231,7 +231,7 @@ class IngressService(MultiService):
             keep_prefix=config.mode == "uri" and config.uri_keep_prefix,
         )
         options = forward_options(config)
-        self.websocket = WebSocketRelay(core, reactor.seconds)
+        self.websocket = WebSocketRelay(core)
         self.proxy = Proxy(core, self.decider, self.upstream, self.websocket.handle, options)
         core.registry.add_change_listener(self._record_changed)
         self.resource = IngressResource(core, self.proxy)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -32,13 +31,14 @@ from .decision import Decider, Resolution
 from .errors import render_error
 from .forwarding import DEFAULT_OPTIONS, ForwardOptions, connection_tokens
 from .pool import BackendPool
-from .resource_exchange import ResourceExchange, client_ip, local_uri, request_fields
+from .resource_exchange import (
+    ResourceExchange,
+    local_uri,
+    log_request,
+)
 
 if TYPE_CHECKING:
     from ..service import IngressCore
-
-__all__ = ["Proxy", "ProxyResource", "Resolution", "client_ip", "local_uri"]
-
 
 def is_websocket_upgrade(request: Request) -> bool:
     """C{GET} with C{Upgrade: websocket} and C{upgrade} among C{Connection}'s tokens."""
@@ -174,23 +174,4 @@ class Proxy:
         route: Route | None,
     ) -> None:
         render_error(request, error)
-        self.core.access_log.request(
-            request.method,
-            route.sandbox_id if route else "-",
-            route.port if route else 0,
-            error.status,
-            len(error.body()),
-            started,
-            client_ip(request),
-            target=local_uri(request),
-        )
-
-
-def forward_request_headers(
-    request: Request, endpoint: str, route: Route, options: ForwardOptions = DEFAULT_OPTIONS
-) -> Headers:
-    """The headers the backend receives for C{request} (L{request_fields}), as C{Headers}."""
-    out = Headers()
-    for name, value in request_fields(request, endpoint, route, options):
-        out.addRawHeader(name, value)
-    return out
+        log_request(self.core, request, route, error.status, len(error.body()), started)

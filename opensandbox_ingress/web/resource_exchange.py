@@ -48,6 +48,7 @@ from .site import IngressRequest, StreamingBody
 if TYPE_CHECKING:
     from ..registry import SandboxRecord
     from ..routing import Route
+    from ..service import IngressCore
     from .proxy import Proxy
 
 _NO_BODY = frozenset({204, 304})
@@ -72,6 +73,31 @@ def local_uri(request: Request) -> bytes:
             if uri[:1] == b"?":
                 uri = b"/" + uri
     return uri
+
+
+def log_request(
+    core: IngressCore,
+    request: Request,
+    route: Route | None,
+    status: int,
+    nbytes: int,
+    started: float,
+) -> None:
+    """
+    Front-end B's one access-log exit: the line (and request metrics) of a
+    request forwarded by a L{ResourceExchange} or answered by the proxy
+    itself (C{route} C{None} when it was not routed).
+    """
+    core.access_log.request(
+        request.method,
+        route.sandbox_id if route is not None else "-",
+        route.port if route is not None else 0,
+        status,
+        nbytes,
+        started,
+        client_ip(request),
+        target=local_uri(request),
+    )
 
 
 def request_fields(
@@ -296,18 +322,7 @@ class ResourceExchange(BackendExchange):
             self.request.unregisterProducer()
 
     def _log(self, status: int) -> None:
-        request = self.request
-        route = self.route
-        self.core.access_log.request(
-            request.method,
-            route.sandbox_id,
-            route.port,
-            status,
-            request.sentLength,
-            self.started,
-            client_ip(request),
-            target=local_uri(request),
-        )
+        log_request(self.core, self.request, self.route, status, self.request.sentLength, self.started)
 
     # -- timers and the end -----------------------------------------------------
 

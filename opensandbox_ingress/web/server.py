@@ -347,12 +347,32 @@ class ProxyServerChannel(Protocol):
         self._write_answer(
             error_response(error, close, http_date(self.now()), head.method == b"HEAD"), close
         )
+        self.log_request(head, route, error.status, len(error.body()), started)
+
+    def log_request(
+        self,
+        head: PlainHead | None,
+        route: Route | None,
+        status: int,
+        nbytes: int,
+        started: float,
+    ) -> None:
+        """
+        The access line (and request metrics) of one request this
+        connection served itself: forwarded by its L{Exchange}, answered by
+        the ingress (C{route} C{None} when it was not routed), or refused
+        by the framing policy before it had a usable head (C{head} C{None}:
+        the line shows method and path C{-}).
+        """
+        if head is None:
+            self.core.access_log.request(b"-", "-", 0, status, nbytes, started, self.client)
+            return
         self.core.access_log.request(
             head.method,
             route.sandbox_id if route is not None else "-",
             route.port if route is not None else 0,
-            error.status,
-            len(error.body()),
+            status,
+            nbytes,
             started,
             self.client,
             target=head.target,
@@ -396,9 +416,7 @@ class ProxyServerChannel(Protocol):
                 self._paused = False
                 transport.resumeProducing()  # type: ignore[attr-defined]
             transport.loseConnection()
-        self.core.access_log.request(
-            b"-", "-", 0, error.status, len(error.body()), self.now(), self.client
-        )
+        self.log_request(None, None, error.status, len(error.body()), self.now())
 
     # -- twisted.web -----------------------------------------------------------
 

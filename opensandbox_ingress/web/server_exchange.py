@@ -360,16 +360,11 @@ class Exchange(BackendExchange):
         self.channel.exchange_done(self.persistent)
 
     def _log(self, status: int) -> None:
-        route = self.route
-        self.core.access_log.request(
-            self.head.method,
-            route.sandbox_id,
-            route.port,
-            status,
-            0 if self.head.method == b"HEAD" else self._sent,
-            self.started,
-            self.channel.client,
-            target=self.head.target,
+        # The channel's one access-log exit; the line counts the body bytes
+        # the client got, none for HEAD.
+        head = self.head
+        self.channel.log_request(
+            head, self.route, status, 0 if head.method == b"HEAD" else self._sent, self.started
         )
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ...registry import SandboxRecord
 
 #: Request headers the relay must not pass to the backend, besides those
-#: L{forward_request_headers} already drops: Autobahn's client writes its own
+#: the forwarding rules (L{request_fields}) already drop: Autobahn's client writes its own
 #: handshake (C{Host}, key, version, subprotocol list, C{Pragma},
 #: C{Cache-Control}), and no extension is negotiated end to end.
 _NOT_FORWARDED = frozenset(
@@ -85,17 +85,16 @@ def subprotocol_offers(headers: Headers) -> list[str]:
     ]
 
 
-def backend_header_lines(forwarded: Headers) -> list[tuple[str, str]]:
+def backend_header_lines(forwarded: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """
     The header lines for the backend handshake, one pair per line, from the
-    output of L{forward_request_headers}: repeated headers (two C{Cookie}
+    forwarded fields (L{request_fields}): repeated headers (two C{Cookie}
     lines) stay separate lines, never comma-merged.
     """
     return [
         (name.decode("latin-1"), _text(value))
-        for name, values in forwarded.getAllRawHeaders()
+        for name, value in forwarded
         if name.lower() not in _NOT_FORWARDED
-        for value in values
     ]
 
 

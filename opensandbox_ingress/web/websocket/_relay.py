@@ -5,8 +5,6 @@ drain and sandbox changes.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory
@@ -14,9 +12,9 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from ...errors import IngressError, SandboxNotFound, ShuttingDown, WebSocketUpstreamUnreachable
+from ..decision import Resolution
 from ..forwarding import forward_options
 from ..pool import client_endpoint
-from ..proxy import Resolution
 from ._client_hop import ClientHop
 from ._handshake import check_client_handshake, session_end_reason
 from ._hop import CLOSE_HANDSHAKE_TIMEOUT_S, GOING_AWAY
@@ -46,10 +44,12 @@ class WebSocketRelay:
     live sessions (for drain).  Reactor thread only.
     """
 
-    def __init__(self, core: IngressCore, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, core: IngressCore) -> None:
         self.core = core
+        #: The core's reactor: the only clock of the relay's timers and of
+        #: its sessions' timestamps (which the access log subtracts from
+        #: its own reading of the same clock).
         self.reactor = core.reactor
-        self.clock = clock
         config = core.config
         self._uri_mode = config.mode == "uri"
         #: The request rewrite's choices, for the backend handshake.
@@ -89,7 +89,7 @@ class WebSocketRelay:
 
     def handle(self, request: Request, resolution: Resolution) -> None:
         """Relay one resolved upgrade request (the proxy's hook)."""
-        session = Session(self, request, resolution, self.clock())
+        session = Session(self, request, resolution, self.reactor.seconds())
         self.core.request_started()
         self.sessions.add(session)
         try:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
@@ -22,10 +21,10 @@ from ...errors import (
     WebSocketUpstreamUnreachable,
 )
 from ...framing import FramingError, parse_upgrade_response
-from ...routing import loggable_path, loggable_text
+from ..decision import Resolution
 from ..errors import render_error
 from ..forwarding import POWERED_BY, describe_failure
-from ..proxy import Resolution, client_ip, forward_request_headers, local_uri
+from ..resource_exchange import client_ip, local_uri, request_fields
 from ._client_hop import ClientHop
 from ._handshake import (
     REFUSAL_HEADERS,
@@ -41,10 +40,6 @@ if TYPE_CHECKING:
 
 #: Access-log status of a session whose client left before the upgrade.
 CLIENT_GONE_STATUS = 499
-
-#: The access log's namespace (see L{AccessLog}); a module-level logger,
-#: because a C{Logger} class attribute would name the class instead.
-_access_log = Logger(namespace="opensandbox_ingress.access")
 
 
 def _resource(path: bytes) -> str:
@@ -102,7 +97,7 @@ class Session:
         self._offers = subprotocol_offers(request.requestHeaders)
         options = relay.forward_options
         self._lines = backend_header_lines(
-            forward_request_headers(request, resolution.endpoint, route, options)
+            request_fields(request, resolution.endpoint, route, options)
         )
         #: The client's Host for the backend handshake (C{--preserve-host}).
         client_host = (
@@ -184,20 +179,7 @@ class Session:
         backend = self.backend
         if backend is not None and backend.state != backend.STATE_CLOSED:
             backend.dropConnection(abort=True)
-        relay = self.relay
-        relay.sessions.discard(self)
-        relay.core.request_finished()
-        relay.core.access_log.request(
-            b"GET",
-            self.sandbox_id,
-            self.port,
-            status,
-            nbytes,
-            self.started,
-            self.client_ip,
-            kind="ws",
-            target=self.target,
-        )
+        self._end((status, nbytes))
 
     def _backend_failed(self, hop: BackendHop) -> None:
         """The backend hop closed before its handshake completed."""
@@ -385,38 +367,51 @@ class Session:
 
     def _finish(self) -> None:
         self.state = _FINISHED
-        relay = self.relay
-        relay.sessions.discard(self)
-        relay.core.request_finished()
         for hop in (self.client, self.backend):
             if hop is not None:
                 hop.partner = None
-        _access_log.info(
-            "ws GET sandbox={sandbox} port={port} path={path} status=101 "
-            "subprotocol={subprotocol} extensions={extensions} "
-            "upstream_extensions={upstream_extensions} "
-            "bytes_in={bytes_in} bytes_out={bytes_out} frames_in={frames_in} "
-            "frames_out={frames_out} close_code={close_code} closed_by={closed_by} "
-            "duration_ms={duration_ms} client={client}",
-            kind="ws",
-            method="GET",
-            status=101,
-            sandbox=self.sandbox_id,
-            port=self.port,
-            path=loggable_path(self.target, self.relay.core.access_log.uri_mode),
-            # What each hop negotiated, as Autobahn holds it (the offers
-            # and the backend's choice are untrusted text: made loggable).
-            subprotocol=loggable_text(self.subprotocol.encode()) if self.subprotocol else "-",
+        self._end(None)
+
+    def _end(self, answered: tuple[int, int] | None) -> None:
+        """
+        Leave the relay and write the session's one access line.
+        C{answered} is the (status, body bytes) of the HTTP answer a session
+        ended before its upgrade got; C{None} for a session after its 101,
+        whose line tells what each hop negotiated and what crossed it.
+        """
+        relay = self.relay
+        relay.sessions.discard(self)
+        relay.core.request_finished()
+        access_log = relay.core.access_log
+        if answered is not None:
+            status, nbytes = answered
+            access_log.request(
+                b"GET",
+                self.sandbox_id,
+                self.port,
+                status,
+                nbytes,
+                self.started,
+                self.client_ip,
+                kind="ws",
+                target=self.target,
+            )
+            return
+        access_log.session(
+            self.sandbox_id,
+            self.port,
+            self.started,
+            self.client_ip,
+            self.target,
+            subprotocol=self.subprotocol,
             extensions=extension_names(self.client),
             upstream_extensions=extension_names(self.backend),
             bytes_in=self.bytes_up,
             bytes_out=self.bytes_down,
             frames_in=self.frames_up,
             frames_out=self.frames_down,
-            close_code=self.close_code if self.close_code is not None else "-",
+            close_code=self.close_code,
             closed_by=self.closed_by,
-            duration_ms=round((self.relay.clock() - self.started) * 1000, 1),
-            client=self.client_ip,
         )
 
 
