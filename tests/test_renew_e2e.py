@@ -167,13 +167,6 @@ def log_events() -> Iterator[list[dict[str, Any]]]:
     globalLogPublisher.removeObserver(observer)
 
 
-@pytest_twisted.async_yield_fixture
-async def ws_backend() -> AsyncIterator[WsBackend]:
-    backend = WsBackend().listen()
-    yield backend
-    await backend.stop()
-
-
 # -- payload ---------------------------------------------------------------------------
 
 

@@ -561,13 +561,6 @@ async def test_http(
 # -- WebSocket --------------------------------------------------------------------------
 
 
-@pytest_twisted.async_yield_fixture
-async def ws_backend() -> AsyncIterator[WsBackend]:
-    b = WsBackend().listen()
-    yield b
-    await b.stop()
-
-
 def _ws_exchange(port: int, built: Built) -> tuple[int, dict[str, str], bytes | str]:
     """Open a WebSocket with websocket-client (in a thread): the handshake status, the
     response headers, and the echo of one message (or the refusal's body)."""

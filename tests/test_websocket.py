@@ -75,13 +75,6 @@ def _port(service: IngressService) -> int:
 
 
 @pytest_twisted.async_yield_fixture
-async def ws_backend() -> AsyncIterator[WsBackend]:
-    backend = WsBackend().listen()
-    yield backend
-    await backend.stop()
-
-
-@pytest_twisted.async_yield_fixture
 async def ingress(tmp_path: Path) -> AsyncIterator[IngressService]:
     service = await _ingress(tmp_path)
     yield service

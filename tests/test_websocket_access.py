@@ -29,13 +29,6 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest_twisted.async_yield_fixture
-async def ws_backend() -> AsyncIterator[WsBackend]:
-    backend = WsBackend().listen()
-    yield backend
-    await backend.stop()
-
-
-@pytest_twisted.async_yield_fixture
 async def ingress(tmp_path: Path) -> AsyncIterator[IngressService]:
     service = await start_ingress(
         tmp_path,

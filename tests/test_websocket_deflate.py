@@ -159,13 +159,6 @@ def test_throttle_resumes_the_other_transport_then_calls_back() -> None:
 # -- through a running ingress --------------------------------------------------------
 
 
-@pytest_twisted.async_yield_fixture
-async def ws_backend() -> AsyncIterator[WsBackend]:
-    backend = WsBackend().listen()
-    yield backend
-    await backend.stop()
-
-
 async def _ingress(tmp_path: Path, **overrides: Any) -> IngressService:
     overrides.setdefault("websocket_ping_interval_s", 0)
     return await start_ingress(tmp_path, SANDBOXES, **overrides)
