@@ -356,8 +356,12 @@ class Exchange(BackendExchange):
             return
         self._done = True
         self.core.request_finished()
-        self._log(status)
-        self.channel.exchange_done(self.persistent)
+        # (_log inlined: this runs once per request.)
+        head, channel = self.head, self.channel
+        channel.log_request(
+            head, self.route, status, 0 if head.method == b"HEAD" else self._sent, self.started
+        )
+        channel.exchange_done(self.persistent)
 
     def _log(self, status: int) -> None:
         # The channel's one access-log exit; the line counts the body bytes
