@@ -41,8 +41,11 @@ def test_forwarded_answered_and_refused_requests_leave_one_line_each(tmp_path: P
         b"GET /y HTTP/1.1\r\nHost: ingress.example\r\nOpenSandbox-Ingress-To: nope-8080\r\n\r\n"
     )
     client.send(b"GET /w HTTP/1.1\r\nHost: ingress.example\r\n\r\n")  # no route
+    client.send(
+        b"HEAD /v HTTP/1.1\r\nHost: ingress.example\r\nOpenSandbox-Ingress-To: nope-8080\r\n\r\n"
+    )
     client.send(b"GET /z HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")  # two Hosts: refused
-    assert client.statuses() == [200, 404, 400, 400]
+    assert client.statuses() == [200, 404, 400, 404, 400]
 
     prefix = "[opensandbox_ingress.access#info] "
     lines = [line.split(prefix, 1)[1] for line in out.getvalue().splitlines()]
@@ -52,6 +55,8 @@ def test_forwarded_answered_and_refused_requests_leave_one_line_each(tmp_path: P
     )
     assert lines[1].startswith("http GET sandbox=nope port=8080 path=/y status=404 bytes=")
     assert lines[2].startswith("http GET sandbox=- port=0 path=/w status=400 bytes=")
-    assert lines[3].startswith("http - sandbox=- port=0 path=- status=400 bytes=")
-    assert len(lines) == 4
-    assert _requests_total(ingress) == {"2xx": 1, "4xx": 3}
+    # HEAD: the answer has no body, and the line says so.
+    assert lines[3].startswith("http HEAD sandbox=nope port=8080 path=/v status=404 bytes=0 ")
+    assert lines[4].startswith("http - sandbox=- port=0 path=- status=400 bytes=")
+    assert len(lines) == 5
+    assert _requests_total(ingress) == {"2xx": 1, "4xx": 4}

@@ -656,6 +656,29 @@ async def test_access_log_line_has_fields_and_no_secrets(
     assert "tok-1" not in text and "cookie-secret" not in text
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest_twisted.ensureDeferred
+async def test_access_line_of_an_answer_counts_the_bytes_sent(
+    ingress: IngressService, method: str
+) -> None:
+    """An error the ingress answers itself: its line counts the body sent, none for HEAD."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        response, body = await request(
+            method, ingress_url(ingress, "/x"), headers={"OpenSandbox-Ingress-To": "nope-8080"}
+        )
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert response.code == 404
+    [event] = [e for e in events if e.get("log_namespace") == "opensandbox_ingress.access"]
+    assert (event["method"], event["sandbox"], event["status"]) == (method, "nope", 404)
+    if method == "HEAD":
+        assert body == b"" and event["bytes"] == 0
+    else:
+        assert body.startswith(b"OpenSandbox Ingress: ") and event["bytes"] == len(body)
+
+
 @pytest_twisted.ensureDeferred
 async def test_resource_mounts_under_another_site(tmp_path: Path, backend: Backend) -> None:
     """service.resource serves under a child path of a plain Site, bodies included."""

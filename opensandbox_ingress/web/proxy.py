@@ -174,4 +174,5 @@ class Proxy:
         route: Route | None,
     ) -> None:
         render_error(request, error)
-        log_request(self.core, request, route, error.status, len(error.body()), started)
+        # Twisted counts the body bytes it sent (none for HEAD).
+        log_request(self.core, request, route, error.status, request.sentLength, started)

@@ -344,10 +344,10 @@ class ProxyServerChannel(Protocol):
         keep-alive connection goes on.
         """
         close = self._closes_after_answer(head)
-        self._write_answer(
-            error_response(error, close, http_date(self.now()), head.method == b"HEAD"), close
-        )
-        self.log_request(head, route, error.status, len(error.body()), started)
+        head_only = head.method == b"HEAD"
+        self._write_answer(error_response(error, close, http_date(self.now()), head_only), close)
+        # The line counts the body bytes sent: none for HEAD.
+        self.log_request(head, route, error.status, 0 if head_only else len(error.body()), started)
 
     def log_request(
         self,
