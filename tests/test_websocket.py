@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -290,6 +291,13 @@ async def test_backend_dialled_before_client_accepted(
         client.transport.abortConnection()
 
 
+def _upstream_errors(service: IngressService) -> dict[str, float]:
+    """The non-zero opensandbox_ingress_upstream_errors_total samples, by reason."""
+    text = service.core.metrics.exposition().decode()
+    found = re.findall(r'^opensandbox_ingress_upstream_errors_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    return {reason: float(value) for reason, value in found if float(value)}
+
+
 @pytest_twisted.ensureDeferred
 async def test_backend_refusal_status_reaches_client(
     ingress: IngressService, ws_backend: WsBackend
@@ -301,6 +309,8 @@ async def test_backend_refusal_status_reaches_client(
     )
     assert status == 403
     assert _values(headers, "OpenSandbox-Ingress-Error") == ["upstream_refused"]
+    # The backend answered (with its own refusal): not an upstream error.
+    assert _upstream_errors(ingress) == {}
     await wait_until(lambda: b"OpenSandbox Ingress: " in client.received, what="error body")
     client.transport.abortConnection()
     await wait_until(lambda: ingress.core.active_requests == 0, what="session ended")
@@ -317,6 +327,8 @@ async def test_unreachable_backend_is_503(ingress: IngressService) -> None:
     assert status == 503
     assert _values(headers, "OpenSandbox-Ingress-Error") == ["upstream_unreachable"]
     assert ingress.core.active_requests == 0
+    # Counted with the HTTP path's upstream errors.
+    assert _upstream_errors(ingress) == {"connect": 1.0}
 
 
 @pytest_twisted.ensureDeferred

@@ -23,7 +23,7 @@ from ...errors import (
 from ...framing import FramingError, parse_upgrade_response
 from ..decision import Resolution
 from ..errors import render_error
-from ..forwarding import POWERED_BY, describe_failure
+from ..forwarding import POWERED_BY, describe_failure, upstream_failure
 from ..resource_exchange import client_ip, local_uri, request_fields
 from ._client_hop import ClientHop
 from ._handshake import (
@@ -151,6 +151,10 @@ class Session:
         self._connecting = None
         if self.state != _DIALING:
             return
+        # Counted as the HTTP path counts it (connect or timeout); the answer
+        # stays the WebSocket one (503, as upstream does).
+        _, label = upstream_failure(self._target(), failure, False)
+        self.relay.core.metrics.upstream_error(label)
         self.refuse(
             WebSocketUpstreamUnreachable(
                 f"upstream {self._target()} unreachable: {describe_failure(failure)}"
@@ -185,6 +189,9 @@ class Session:
         """The backend hop closed before its handshake completed."""
         head = getattr(hop, "http_response_data", None)
         error: IngressError
+        #: The upstream_errors_total reason, or None for a backend that
+        #: answered with a refusal (its own status, not a failure).
+        label: str | None = "invalid"
         if head is not None:
             parsed = parse_upgrade_response(head)
             if isinstance(parsed, FramingError):
@@ -199,6 +206,7 @@ class Session:
                     if name.lower() in REFUSAL_HEADERS
                 )
                 reason = parsed.reason.decode("latin-1")
+                label = None
                 error = WebSocketUpstreamRefused(
                     f"upstream {self._target()} refused the WebSocket handshake: "
                     f"{parsed.status} {reason}".rstrip(),
@@ -212,11 +220,15 @@ class Session:
                     502,
                 )
         elif getattr(hop, "wasOpenHandshakeTimeout", False):
+            label = "timeout"
             error = UpstreamTimeout(f"upstream {self._target()} did not answer the upgrade")
         else:
+            label = "reset"
             error = WebSocketUpstreamUnreachable(
                 f"upstream {self._target()} closed the connection during the handshake"
             )
+        if label is not None:
+            self.relay.core.metrics.upstream_error(label)
         self.refuse(error)
 
     # -- accepting -------------------------------------------------------------------
