@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import re
 import socket
@@ -36,7 +35,7 @@ from opensandbox_ingress.web.websocket import (
     subprotocol_offers,
 )
 from tests.helpers import raw_connect, start_ingress, wait_until
-from tests.processes import free_port, rss_kib, stop, twistd, wait_healthy
+from tests.processes import rss_kib
 from tests.ws_backend import (
     FrameStreamer,
     Streamer,
@@ -748,29 +747,6 @@ async def test_websocket_client_library_with_keepalive_upgrade(
 MIB = 1024 * 1024
 
 
-@pytest_twisted.async_yield_fixture
-async def ingress_process(tmp_path: Path) -> AsyncIterator[tuple[Any, int]]:
-    """The ingress as operators run it (twistd), so that its RSS can be measured."""
-    sandboxes = tmp_path / "s.json"
-    sandboxes.write_text(json.dumps(SANDBOXES))
-    port = free_port()
-    proc = twistd(
-        [
-            "--provider-type",
-            "file",
-            "--sandboxes-file",
-            str(sandboxes),
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--websocket-ping-interval",
-            "0",
-        ]
-    )
-    try:
-        await threads.deferToThread(wait_healthy, proc, port)
-        yield proc, port
-    finally:
-        await threads.deferToThread(stop, proc)
 
 
 async def _open_via(port: int, backend: WsBackend, **kwargs: Any) -> tuple[Any, Any]:

@@ -7,16 +7,14 @@ message; the message-size limit counts inflated bytes.
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
 from twisted.internet.testing import StringTransport
 
 from opensandbox_ingress import IngressService
@@ -31,7 +29,7 @@ from opensandbox_ingress.web.websocket._deflate import (
 )
 from opensandbox_ingress.web.websocket._hop import Throttle
 from tests.helpers import start_ingress, wait_until
-from tests.processes import free_port, rss_kib, stop, twistd, wait_healthy
+from tests.processes import rss_kib
 from tests.ws_backend import FrameStreamer, WsBackend, connect_client
 
 MIB = 1024 * 1024
@@ -299,29 +297,6 @@ async def test_message_limit_applies_to_plain_messages(tmp_path: Path, ws_backen
 # -- memory, measured on the ingress process -------------------------------------------
 
 
-@pytest_twisted.async_yield_fixture
-async def ingress_process(tmp_path: Path) -> AsyncIterator[tuple[Any, int]]:
-    """The ingress as operators run it (twistd), so that its RSS can be measured."""
-    sandboxes = tmp_path / "s.json"
-    sandboxes.write_text(json.dumps(SANDBOXES))
-    port = free_port()
-    proc = twistd(
-        [
-            "--provider-type",
-            "file",
-            "--sandboxes-file",
-            str(sandboxes),
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--websocket-ping-interval",
-            "0",
-        ]
-    )
-    try:
-        await threads.deferToThread(wait_healthy, proc, port)
-        yield proc, port
-    finally:
-        await threads.deferToThread(stop, proc)
 
 
 async def _warm(port: int, backend: WsBackend) -> tuple[Any, Any]:
